@@ -1,0 +1,344 @@
+"""The one config schema of LLM-MINI: YAML keys, CLI flags, defaults, validation and the saved copy.
+
+Every setting is a field of a dataclass below; nothing else names a setting. A field `training.batch_size`
+is the YAML key `training: {batch_size: …}` and the flag `--batch-size` (or `--training.batch-size`).
+Precedence: field default < YAML file (--config, default ./config.yaml) < command-line flags.
+
+    python CONFIG.py --print-config        # the resolved config of the training scripts
+"""
+import argparse
+import dataclasses
+import difflib
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import yaml
+
+
+def opt(default, help, *, flag=None, min=None, above=None, at_most=None):
+    """A schema field: its default, help text, optional flag name and range limits."""
+    meta = dict(help=help, flag=flag, min=min, above=above, at_most=at_most)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelCfg:
+    name: str = opt("gpt2", "local model directory, hub id, or (with from_scratch) an architecture: gpt2, llama, …",
+                    flag="--model")
+    from_scratch: bool = opt(False, "build a randomly initialised model of architecture `name`; "
+                             "a --model on the command line without --from-scratch loads pretrained weights")
+    config_overrides: dict = opt({}, "architecture settings for from_scratch, e.g. '{n_layer: 4, n_embd: 256}'")
+    device: Literal["auto", "cuda", "mps", "cpu"] = opt("auto", "auto picks cuda, then mps, then cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "autocast precision; auto = bfloat16 on CUDA that has it, float16 on older CUDA, else float32")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
+        "sdpa", "attention kernel (flash_attention_2 needs CUDA and the flash-attn package)")
+    trust_remote_code: bool = opt(False, "allow a model directory or hub repo to run its own Python code")
+
+
+@dataclass
+class TokenizerCfg:
+    name: Optional[str] = opt(None, "tokenizer directory or hub id; default: the model's, or a new BPE for scratch")
+    vocab_size: int = opt(4096, "vocabulary size of the byte-level BPE trained for a scratch model", min=260)
+
+
+@dataclass
+class DataCfg:
+    files: list = opt(["data/train.txt", "data/train.jsonl"],
+                      ".txt (one sample per non-empty line) and .jsonl ({\"text\": …} per line) files", flag="--data")
+
+
+@dataclass
+class TrainingCfg:
+    epochs: float = opt(1.0, "passes over the data (ignored when max_steps is set)", above=0)
+    max_steps: Optional[int] = opt(None, "optimizer steps to run; overrides epochs", min=1)
+    batch_size: int = opt(8, "sequences per micro-batch", min=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", min=1)
+    learning_rate: float = opt(1e-3, "peak learning rate", above=0)
+    min_lr_ratio: float = opt(0.1, "cosine decay ends at learning_rate * min_lr_ratio", min=0, at_most=1)
+    warmup_steps: int = opt(20, "linear warmup steps", min=0)
+    weight_decay: float = opt(0.1, "AdamW decay of matrices (dim >= 2); biases and norms are not decayed", min=0)
+    beta1: float = opt(0.9, "AdamW beta1", min=0, at_most=1)
+    beta2: float = opt(0.95, "AdamW beta2", min=0, at_most=1)
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", min=0)
+    max_length: int = opt(128, "tokens per sequence; longer samples are truncated", min=2)
+    seed: int = opt(1337, "seed of initialisation, data order and dropout")
+    save_every: int = opt(100, "write a checkpoint every N optimizer steps (0 = only at the end)", min=0)
+    keep_last: int = opt(3, "checkpoints to keep (older ones are deleted)", min=1)
+    log_every: int = opt(10, "log loss, lr and tokens/s every N steps", min=1)
+    resume: Optional[str] = opt(None, "'auto' (newest complete checkpoint in the output dir) or a checkpoint path")
+    max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row", min=1)
+
+
+@dataclass
+class OutputCfg:
+    dir: str = opt("out", "where checkpoints and the final model are written", flag="--out")
+    overwrite: bool = opt(False, "start a fresh run in an output dir that already holds a run")
+
+
+@dataclass
+class InferCfg:
+    prompt: Optional[str] = opt(None, "text to continue; default: all of stdin")
+    max_new_tokens: int = opt(100, "tokens to generate at most", min=1)
+    temperature: float = opt(0.8, "sampling temperature", above=0)
+    top_k: int = opt(50, "sample from the k most likely tokens (0 = all)", min=0)
+    top_p: float = opt(1.0, "nucleus sampling mass, in (0, 1]", above=0, at_most=1)
+    greedy: bool = opt(False, "always take the most likely token (deterministic)")
+    seed: Optional[int] = opt(None, "seed for reproducible sampling")
+
+
+@dataclass
+class Config:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    tokenizer: TokenizerCfg = field(default_factory=TokenizerCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    training: TrainingCfg = field(default_factory=TrainingCfg)
+    output: OutputCfg = field(default_factory=OutputCfg)
+    infer: InferCfg = field(default_factory=InferCfg)
+
+
+TRAIN_SECTIONS = ("model", "tokenizer", "data", "training", "output")
+INFER_SECTIONS = ("model", "infer")
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line on stderr with exit code 2, no traceback."""
+
+
+# ---------------------------------------------------------------- schema walking
+
+def leaves(sections):
+    """[(section, dataclass field, python type)] for every setting of the given sections."""
+    hints = typing.get_type_hints(Config)
+    out = []
+    for sec in sections:
+        cls = hints[sec]
+        types = typing.get_type_hints(cls)
+        out += [(sec, f, types[f.name]) for f in dataclasses.fields(cls)]
+    return out
+
+
+def flag_of(sec, f):
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def convert(value, typ, key):
+    """Check/convert one value against its schema type; raise UserError naming the key."""
+    if typing.get_origin(typ) is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        typ = typing.get_args(typ)[0]
+    if typing.get_origin(typ) is Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise UserError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{key}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{key}: expected a string, got {value!r}")
+    if typ is list:
+        value = [value] if isinstance(value, str) else value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise UserError(f"{key}: expected a list of strings, got {value!r}")
+    if typ is dict:
+        if isinstance(value, dict):
+            return value
+        raise UserError(f"{key}: expected a mapping like '{{a: 1, b: 2}}', got {value!r}")
+    raise TypeError(f"schema type {typ} of {key} is not handled")
+
+
+def check_range(value, f, key):
+    m = f.metadata
+    if value is None or isinstance(value, (bool, str, list, dict)):
+        return
+    if m["min"] is not None and value < m["min"]:
+        raise UserError(f"{key}: must be >= {m['min']}, got {value!r}")
+    if m["above"] is not None and value <= m["above"]:
+        raise UserError(f"{key}: must be > {m['above']}, got {value!r}")
+    if m["at_most"] is not None and value > m["at_most"]:
+        raise UserError(f"{key}: must be <= {m['at_most']}, got {value!r}")
+
+
+def suggest(name, candidates):
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" - did you mean '{close[0]}'?" if close else ""
+
+
+# ---------------------------------------------------------------- YAML + flags
+
+def read_yaml(path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found - pass an existing file to --config")
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a YAML config file - pass a file to --config")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{where}: YAML does not parse ({problem}) - fix the syntax on that line")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections (model:, training:, …) at the top level")
+    return data
+
+
+def build(raw, sections, source):
+    """Nested dict -> Config, collecting every problem before raising one UserError."""
+    errors, cfg = [], Config()
+    all_keys = [f"{s}.{f.name}" for s, f, _ in leaves(sections)]
+    for sec, values in raw.items():
+        if sec not in sections:
+            hint = suggest(sec, list(sections))
+            if not hint and not isinstance(values, dict):  # a bare key at the top level
+                owner = [k for k in all_keys if k.endswith("." + str(sec))]
+                hint = f" - it belongs at '{owner[0]}'" if owner else suggest(str(sec), all_keys)
+            errors.append(f"unknown key '{sec}'{hint}")
+            continue
+        if not isinstance(values, dict):
+            errors.append(f"{sec}: expected a mapping of settings, got {values!r}")
+            continue
+        names = {f.name: (f, t) for s, f, t in leaves([sec])}
+        for key, value in values.items():
+            if key not in names:
+                errors.append(f"unknown key '{sec}.{key}'{suggest(f'{sec}.{key}', all_keys)}")
+                continue
+            f, typ = names[key]
+            try:
+                value = convert(value, typ, f"{sec}.{key}")
+                check_range(value, f, f"{sec}.{key}")
+                setattr(getattr(cfg, sec), key, value)
+            except UserError as e:
+                errors.append(str(e))
+    if errors:
+        raise UserError(f"{source}: " + "; ".join(errors))
+    return cfg
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line and suggests the closest flag."""
+
+    def error(self, message):
+        if "unrecognized arguments" in message:
+            flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            bad = message.split(": ", 1)[1].split()[0].split("=")[0]
+            message = f"unknown flag {bad}{suggest(bad, flags)} (see --help)"
+        raise UserError(message)
+
+
+def flag_value(typ, key):
+    """argparse `type=` for a flag: the text is read as YAML for numbers/mappings, kept verbatim for strings."""
+    def parse(text):
+        base = typing.get_args(typ)[0] if typing.get_origin(typ) is typing.Union else typ
+        if base is str:
+            return text
+        try:
+            value = yaml.safe_load(text) if base is not dict or text.strip().startswith("{") else dict(
+                kv.split("=", 1) for kv in text.split(","))  # run_clm.py style: n_layer=4,n_embd=256
+            if base is dict:
+                value = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in value.items()}
+        except (yaml.YAMLError, ValueError):
+            raise argparse.ArgumentTypeError(f"{key}: cannot read {text!r}")
+        try:
+            return convert(value, typ, key)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e))
+    return parse
+
+
+def make_parser(sections, description, config_default):
+    p = Parser(description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=config_default, help="YAML config file")
+    p.add_argument("--print-config", action="store_true", default=False, help="print the resolved config and exit")
+    p.add_argument("--debug", action="store_true", default=False, help="show tracebacks for errors")
+    flat = [flag_of(s, f) for s, f, _ in leaves(sections)]
+    for sec, f, typ in leaves(sections):
+        key = f"{sec}.{f.name}"
+        names = [flag_of(sec, f)] if flat.count(flag_of(sec, f)) == 1 else []
+        names.append(f"--{sec}.{f.name.replace('_', '-')}")
+        kw = dict(dest=key, help=f"{f.metadata['help']} [{key}] (default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()})")
+        if typ is bool:
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif typ is list:
+            p.add_argument(*names, nargs="+", metavar="FILE", **kw)
+        elif key == "training.resume":
+            p.add_argument(*names, nargs="?", const="auto", metavar="auto|PATH", **kw)
+        else:
+            p.add_argument(*names, type=flag_value(typ, key), metavar=key.split(".")[1].upper(), **kw)
+    return p
+
+
+def load(argv, sections=TRAIN_SECTIONS, description=None, config_default="config.yaml"):
+    """Parse flags and the YAML file into a Config. Returns (cfg, flags): flags are the keys set on the CLI."""
+    args = vars(make_parser(sections, description, config_default).parse_args(argv))
+    path, print_config, debug = args.pop("config"), args.pop("print_config"), args.pop("debug")
+    explicit = any(a == "--config" or a.startswith("--config=") for a in argv)
+    raw = read_yaml(path) if path is not None and (explicit or os.path.exists(path)) else {}
+    # A --model on the command line means "start from that model's weights" unless --from-scratch is given
+    # too, so `python TRAIN.py --model gpt2` fine-tunes gpt2 even though config.yaml trains from scratch.
+    if "model.name" in args and "model.from_scratch" not in args and isinstance(raw.get("model"), dict):
+        raw["model"] = {k: v for k, v in raw["model"].items() if k not in ("from_scratch", "config_overrides")}
+    for key, value in args.items():
+        sec, name = key.split(".")
+        raw.setdefault(sec, {})
+        if not isinstance(raw[sec], dict):
+            raw[sec] = {}
+        raw[sec][name] = value
+    cfg = build(raw, sections, f"{path} + flags" if path else "flags")
+    if print_config:
+        print(dump(cfg, sections), end="")
+        sys.exit(0)
+    return cfg, set(args), debug
+
+
+def to_dict(cfg, sections=TRAIN_SECTIONS):
+    d = dataclasses.asdict(cfg)
+    return {s: d[s] for s in sections}
+
+
+def dump(cfg, sections=TRAIN_SECTIONS):
+    return yaml.safe_dump(to_dict(cfg, sections), sort_keys=False)
+
+
+def main_guard(main):
+    """Run main(argv); user errors become one line on stderr and exit 2 (--debug shows the traceback)."""
+    argv = sys.argv[1:]
+    try:
+        return main(argv)
+    except UserError as e:
+        if "--debug" in argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main_guard(lambda argv: load(argv, description=__doc__) and None)

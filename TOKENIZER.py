@@ -1,0 +1,40 @@
+"""Tokenizers: load a model's tokenizer (with a pad token), or train a byte-level BPE for a scratch model."""
+import sys
+
+from CONFIG import UserError
+from MODEL import check_source
+
+EOS = "<|endoftext|>"
+
+
+def load_tokenizer(name, trust_remote_code=False):
+    from transformers import AutoTokenizer
+    check_source(name, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{name}: could not load a tokenizer ({str(e).splitlines()[0][:200]}) - "
+                        "pass --tokenizer DIR, or train from scratch so one is built")
+    if tok.eos_token is None:
+        raise UserError(f"{name}: the tokenizer has no EOS token - samples need one to end; pick another tokenizer")
+    return with_pad(tok)
+
+
+def with_pad(tok):
+    # GPT-2 and LLaMA ship no pad token. Padding with EOS is safe because pad positions are masked
+    # through the attention mask (DATA.collate), never by comparing ids, so EOS stays a learned target.
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def train_tokenizer(texts, vocab_size):
+    """A GPT-2-style byte-level BPE trained on an iterator of texts, as a transformers tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                            show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS,
+                                  pad_token=EOS, model_max_length=sys.maxsize, clean_up_tokenization_spaces=False)
+    return tok

@@ -1,0 +1,68 @@
+"""DATA.py: reading .txt/.jsonl (errors name file:line), the resumable sample order, and collation."""
+import pytest
+import torch
+
+from CONFIG import UserError
+from DATA import check_files, collate, count_targets, read_texts, sample_indices
+
+
+def test_txt_is_one_sample_per_non_empty_line(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("first line\n\n   \nsecond line\r\n")
+    assert list(read_texts(str(p))) == [(1, "first line"), (4, "second line")]
+
+
+def test_jsonl_reads_the_text_field_and_ignores_others(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "hello", "id": 1}\n\n{"text": "line\\nbreak"}\n')
+    assert list(read_texts(str(p))) == [(1, "hello"), (3, "line\nbreak")]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("a.jsonl", b'{"text": "ok"}\n{"text": oops}\n', r"a.jsonl:2: invalid JSON"),
+    ("a.jsonl", b'{"text": "ok"}\n["text"]\n', r"a.jsonl:2: expected a JSON object"),
+    ("a.jsonl", b'{"body": "x"}\n', r"a.jsonl:1: no \"text\" field"),
+    ("a.jsonl", b'{"text": 5}\n', r"a.jsonl:1: \"text\" is a int"),
+    ("a.txt", b"fine\nbad \xff byte\n", r"a.txt:2: invalid UTF-8"),
+    ("a.txt", b"\n  \n\n", r"a.txt: no samples"),
+    ("a.jsonl", b"", r"a.jsonl: no samples"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, name, content, message):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        list(read_texts(str(p)))
+
+
+def test_check_files_rejects_missing_directory_and_unknown_type(tmp_path):
+    (tmp_path / "x.csv").write_text("a")
+    with pytest.raises(UserError, match="no such data file"):
+        check_files([str(tmp_path / "missing.txt")])
+    with pytest.raises(UserError, match="is a directory"):
+        check_files([str(tmp_path)])
+    with pytest.raises(UserError, match="unsupported file type"):
+        check_files([str(tmp_path / "x.csv")])
+
+
+def test_eos_is_a_target_and_pads_are_masked_by_position():
+    eos = 0  # GPT-2 style: the pad id IS the eos id
+    batch = collate([[5, 6, 7, eos], [8, eos]], pad_id=eos)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, eos], [8, eos, eos, eos]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7, eos], [8, eos, -100, -100]]  # real EOS kept, pads masked
+    assert count_targets(batch) == 3 + 1
+
+
+def test_sample_order_covers_every_sample_once_per_epoch():
+    n = 7
+    first_epoch = sample_indices(0, n, n, seed=1)
+    second_epoch = sample_indices(n, n, n, seed=1)
+    assert sorted(first_epoch) == sorted(second_epoch) == list(range(n))
+    assert first_epoch != second_epoch  # reshuffled each epoch
+    assert sample_indices(0, n, n, seed=2) != first_epoch
+
+
+def test_sample_order_resumes_from_a_position_without_replay():
+    whole = sample_indices(0, 25, 7, seed=3)
+    assert sample_indices(0, 11, 7, seed=3) + sample_indices(11, 14, 7, seed=3) == whole
+    assert torch.equal(torch.tensor(sample_indices(11, 3, 7, seed=3)), torch.tensor(whole[11:14]))
