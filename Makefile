@@ -1,0 +1,22 @@
+# make demo: train the default experiment (config.yaml) on data/, then generate.   make test: the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt pytest
+	touch $@
+
+# --overwrite: a second `make demo` replaces the previous demo run in out/ (TRAIN.py refuses otherwise)
+demo: $(VENV)/.installed
+	$(PY) TRAIN.py --overwrite
+	$(PY) INFER.py --model out --prompt "Once upon a time" --max-new-tokens 60
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) out
