@@ -85,7 +85,7 @@ class OutputCfg:
 class InferCfg:
     prompt: Optional[str] = opt(None, "text to continue; default: all of stdin")
     max_new_tokens: int = opt(100, "tokens to generate at most", min=1)
-    temperature: float = opt(0.8, "sampling temperature", above=0)
+    temperature: float = opt(0.8, "sampling temperature (0 = greedy)", min=0)
     top_k: int = opt(50, "sample from the k most likely tokens (0 = all)", min=0)
     top_p: float = opt(1.0, "nucleus sampling mass, in (0, 1]", above=0, at_most=1)
     greedy: bool = opt(False, "always take the most likely token (deterministic)")

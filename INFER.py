@@ -58,7 +58,7 @@ def main(argv):
     ids, max_new = fit_context(ids, g.max_new_tokens, context_length(model.config))
     if g.seed is not None:
         torch.manual_seed(g.seed)
-    sampling = dict(do_sample=False) if g.greedy else dict(do_sample=True, temperature=g.temperature,
+    sampling = dict(do_sample=False) if g.greedy or g.temperature == 0 else dict(do_sample=True, temperature=g.temperature,
                                                            top_k=g.top_k, top_p=g.top_p)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints to stdout as it goes
     with torch.inference_mode():

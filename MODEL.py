@@ -107,6 +107,7 @@ def build_model(mcfg, tokenizer, device, seed):
 
 def load_pretrained(path, dtype, **kw):
     """AutoModelForCausalLM.from_pretrained with one-line errors for missing, foreign or corrupt files."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
     check_source(path)
@@ -115,7 +116,7 @@ def load_pretrained(path, dtype, **kw):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
         model.loss_type = getattr(model, "loss_type", None) or "ForCausalLM"
         return model
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise UserError(f"{path}: could not load the model ({str(e).splitlines()[0][:200]}) - the files may be "
                         "corrupt or truncated: copy them again or use another checkpoint")
 

@@ -70,9 +70,9 @@ def write_model_dir(path, model, tokenizer, cfg, state=None):
             os.rename(path, old)
         os.rename(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except Exception as e:  # OSError from Python, SafetensorError/RuntimeError from the writers' native code
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"{path}: could not write the checkpoint ({e.strerror or e}) - free disk space or fix "
+        raise UserError(f"{path}: could not write the checkpoint ({getattr(e, 'strerror', None) or e}) - free disk space or fix "
                         "permissions; the previous checkpoint is intact")
 
 

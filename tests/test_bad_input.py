@@ -1,0 +1,105 @@
+"""Every kind of bad input: one line on stderr naming the file/line or key and the fix, exit 2, no traceback."""
+import shutil
+
+import pytest
+
+from conftest import TINY, run
+
+LONG_LINE = "word " * 400
+
+
+def files(tmp):
+    """The bad inputs, written fresh for each case."""
+    (tmp / "dir.txt").mkdir()
+    (tmp / "data.csv").write_text("a,b\n")
+    (tmp / "empty.txt").write_text("")
+    (tmp / "blank.txt").write_text("\n   \n\n")
+    (tmp / "badjson.jsonl").write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": broken\n')
+    (tmp / "list.jsonl").write_text('["text", "x"]\n')
+    (tmp / "notext.jsonl").write_text('{"body": "x"}\n')
+    (tmp / "numtext.jsonl").write_text('{"text": 42}\n')
+    (tmp / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (tmp / "long.txt").write_text(("a short line\n" * 30) + LONG_LINE + "\n")
+    (tmp / "unknown.yaml").write_text("training:\n  batch_sise: 4\n")
+    (tmp / "broken.yaml").write_text("training:\n  batch_size: 4\n  epochs: [1, 2\n")
+    (tmp / "notmodel").mkdir()
+    (tmp / "emptyout").mkdir()
+
+
+CASES = [
+    # (id, script, args, stdin, message)
+    ("missing data file", "TRAIN.py", ["--data", "{t}/nope.txt"], None, "{t}/nope.txt: no such data file"),
+    ("directory as data", "TRAIN.py", ["--data", "{t}/dir.txt"], None, "{t}/dir.txt: is a directory"),
+    ("unsupported extension", "TRAIN.py", ["--data", "{t}/data.csv"], None, "{t}/data.csv: unsupported file type"),
+    ("empty file", "TRAIN.py", ["--data", "{t}/empty.txt"], None, "{t}/empty.txt: no samples"),
+    ("only blank lines", "TRAIN.py", ["--data", "{t}/blank.txt"], None, "{t}/blank.txt: no samples"),
+    ("invalid json", "TRAIN.py", ["--data", "{t}/badjson.jsonl"], None, "{t}/badjson.jsonl:3: invalid JSON"),
+    ("json not an object", "TRAIN.py", ["--data", "{t}/list.jsonl"], None, "{t}/list.jsonl:1: expected a JSON object"),
+    ("missing text", "TRAIN.py", ["--data", "{t}/notext.jsonl"], None, '{t}/notext.jsonl:1: no "text" field'),
+    ("non-string text", "TRAIN.py", ["--data", "{t}/numtext.jsonl"], None, '{t}/numtext.jsonl:1: "text" is a int'),
+    ("invalid utf-8", "TRAIN.py", ["--data", "{t}/latin1.txt"], None, "{t}/latin1.txt:1: invalid UTF-8"),
+    ("unknown config key", "TRAIN.py", ["--config", "{t}/unknown.yaml"], None, "did you mean 'training.batch_size'"),
+    ("unknown flag", "TRAIN.py", ["--lerning-rate", "1"], None, "did you mean '--learning-rate'"),
+    ("wrong type", "TRAIN.py", ["--batch-size", "two"], None, "training.batch_size: expected an integer"),
+    ("batch size 0", "TRAIN.py", ["--batch-size", "0"], None, "training.batch_size: must be >= 1"),
+    ("negative lr", "TRAIN.py", ["--learning-rate", "-0.1"], None, "training.learning_rate: must be > 0"),
+    ("grad_accum 0", "TRAIN.py", ["--grad-accum", "0"], None, "training.grad_accum: must be >= 1"),
+    ("max_length above context", "TRAIN.py", ["--max-length", "100"], None,
+     "training.max_length: 100 is above the model's context of 64"),
+    ("yaml syntax", "TRAIN.py", ["--config", "{t}/broken.yaml"], None, "{t}/broken.yaml:4: YAML does not parse"),
+    ("missing config", "TRAIN.py", ["--config", "{t}/none.yaml"], None, "{t}/none.yaml: config file not found"),
+    ("model path missing", "TRAIN.py", ["--model", "{t}/no-model"], None, "{t}/no-model: no such model directory"),
+    ("dir that is not a model", "TRAIN.py", ["--model", "{t}/notmodel"], None, "{t}/notmodel: is not a model directory"),
+    ("resume without checkpoint", "TRAIN.py", ["--resume", "auto", "--out", "{t}/emptyout"], None,
+     "{t}/emptyout: no complete checkpoint to resume"),
+    ("resume a non-checkpoint", "TRAIN.py", ["--resume", "{t}/notmodel"], None, "{t}/notmodel: not a checkpoint"),
+    ("bad override key", "TRAIN.py", ["--config-overrides", "{{n_layers: 2}}"], None,
+     "'n_layers' is not a setting of gpt2 - did you mean 'n_layer'?"),
+    ("scratch arch unknown", "TRAIN.py", ["--model", "gtp2", "--from-scratch"], None, "not an architecture"),
+    ("float16 on cpu", "TRAIN.py", ["--dtype", "float16", "--device", "cpu"], None, "not supported for training on CPU"),
+    ("empty prompt", "INFER.py", ["--model", "{m}", "--prompt", "  "], None, "empty prompt"),
+    ("empty stdin", "INFER.py", ["--model", "{m}"], "", "empty prompt"),
+    ("top-p above 1", "INFER.py", ["--model", "{m}", "--prompt", "a", "--top-p", "1.5"], None, "infer.top_p: must be <= 1"),
+    ("top-p zero", "INFER.py", ["--model", "{m}", "--prompt", "a", "--top-p", "0"], None, "infer.top_p: must be > 0"),
+    ("negative temperature", "INFER.py", ["--model", "{m}", "--prompt", "a", "--temperature", "-1"], None,
+     "infer.temperature: must be >= 0"),
+    ("infer without model", "INFER.py", ["--prompt", "a"], None, "--model is required"),
+    ("infer model missing", "INFER.py", ["--model", "{t}/no-model", "--prompt", "a"], None, "no such model directory"),
+    ("corrupt safetensors", "INFER.py", ["--model", "{t}/corrupt", "--prompt", "a"], None, "could not load the model"),
+]
+
+
+@pytest.mark.parametrize("script, args, stdin, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(tmp_path, trained, script, args, stdin, message):
+    files(tmp_path)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(trained / "ckpt-step-3", corrupt)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated mid-copy
+    fill = dict(t=tmp_path, m=trained)
+    base = ["--config", TINY, "--out", tmp_path / "out"] if script == "TRAIN.py" else []
+    r = run(script, *base, *[a.format(**fill) for a in args], stdin=stdin if stdin is not None else "x")
+    assert r.returncode == 2, r.stderr
+    assert message.format(**fill) in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
+    assert r.stdout == ""
+
+
+def test_overlong_line_is_truncated_with_one_warning(tmp_path):
+    files(tmp_path)
+    r = run("TRAIN.py", "--config", TINY, "--out", tmp_path / "out", "--data", tmp_path / "long.txt",
+            "--max-steps", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("warning: 1 of 31 samples are longer than max_length=48") == 1
+
+
+def test_prompt_longer_than_context_keeps_the_tail_with_one_warning(trained):
+    r = run("INFER.py", "--model", trained, "--prompt", LONG_LINE, "--max-new-tokens", "10", "--greedy")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("keeping its last 54") == 1 and r.stdout.strip()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    r = run("TRAIN.py", "--config", TINY, "--data", tmp_path / "nope.txt", "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr
