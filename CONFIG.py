@@ -35,7 +35,7 @@ class ModelCfg:
     config_overrides: dict = opt({}, "architecture settings for from_scratch, e.g. '{n_layer: 4, n_embd: 256}'")
     device: Literal["auto", "cuda", "mps", "cpu"] = opt("auto", "auto picks cuda, then mps, then cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
-        "auto", "autocast precision; auto = bfloat16 on CUDA that has it, float16 on older CUDA, else float32")
+        "auto", "autocast precision; auto = bfloat16 on CUDA/CPUs with native bf16, float16 on older CUDA, else float32")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
         "sdpa", "attention kernel (flash_attention_2 needs CUDA and the flash-attn package)")
     trust_remote_code: bool = opt(False, "allow a model directory or hub repo to run its own Python code")
@@ -43,7 +43,8 @@ class ModelCfg:
 
 @dataclass
 class TokenizerCfg:
-    name: Optional[str] = opt(None, "tokenizer directory or hub id; default: the model's, or a new BPE for scratch")
+    name: Optional[str] = opt(None, "tokenizer directory or hub id; default: the model's, or a new BPE for scratch",
+                              flag="--tokenizer")
     vocab_size: int = opt(4096, "vocabulary size of the byte-level BPE trained for a scratch model", min=260)
 
 
