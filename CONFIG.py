@@ -91,6 +91,23 @@ class InferCfg:
     top_p: float = opt(1.0, "nucleus sampling mass, in (0, 1]", above=0, at_most=1)
     greedy: bool = opt(False, "always take the most likely token (deterministic)")
     seed: Optional[int] = opt(None, "seed for reproducible sampling")
+    stop: list = opt([], "stop when one of these strings is generated (not printed); repeatable")
+    each_line: bool = opt(False, "every stdin line is a prompt, answered in order (batched)")
+    jsonl: bool = opt(False, "with --each-line: one JSON object per prompt (prompt, completion, token counts)")
+    batch_size: int = opt(8, "prompts generated together with --each-line", min=1)
+    chat: bool = opt(False, "apply the tokenizer's chat template to the prompt")
+    system: Optional[str] = opt(None, "system message for --chat")
+
+
+@dataclass
+class EvalCfg:
+    stride: Optional[int] = opt(None, "sliding-window step for texts longer than the window (default: the window)",
+                                min=1)
+    window: Optional[int] = opt(None, "tokens the model sees at once (default: its context length)", min=2)
+    batch_size: int = opt(8, "windows scored together", min=1)
+    dump: Optional[str] = opt(None, "write per-token log-probabilities to this .jsonl or .npy file")
+    dump_top_k: int = opt(0, "with --dump .jsonl: also the top-k token ids and log-probabilities", min=0)
+    plot: Optional[str] = opt(None, "draw OUT/loss.png from OUT/metrics.jsonl of a training run and exit")
 
 
 @dataclass
@@ -101,10 +118,12 @@ class Config:
     training: TrainingCfg = field(default_factory=TrainingCfg)
     output: OutputCfg = field(default_factory=OutputCfg)
     infer: InferCfg = field(default_factory=InferCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
 
 
 TRAIN_SECTIONS = ("model", "tokenizer", "data", "training", "output")
 INFER_SECTIONS = ("model", "infer")
+EVAL_SECTIONS = ("model", "data", "eval")
 
 
 class UserError(Exception):
@@ -288,8 +307,8 @@ def make_parser(sections, description, config_default):
         kw = dict(dest=key, help=f"{f.metadata['help']} [{key}] (default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()})")
         if typ is bool:
             p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
-        elif typ is list:
-            p.add_argument(*names, nargs="+", metavar="FILE", **kw)
+        elif typ is list:  # --data a b --data c gives [a, b, c]
+            p.add_argument(*names, nargs="+", action="extend", metavar=key.split(".")[1].upper(), **kw)
         elif key == "training.resume":
             p.add_argument(*names, nargs="?", const="auto", metavar="auto|PATH", **kw)
         else:
@@ -339,6 +358,9 @@ def main_guard(main):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `… | head` closed stdout: stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""Generate text with a trained model. Only the continuation goes to stdout; everything else to stderr.
+"""Generate text with a trained model. Only generated text goes to stdout; everything else to stderr.
 
     python INFER.py --model out --prompt "Once upon a time"
-    echo "Once upon a time" | python INFER.py --model out
-    python INFER.py --model out/ckpt-step-200 --greedy --max-new-tokens 40 --prompt "The"
+    echo "Once upon a time" | python INFER.py --model out         # all of stdin is one prompt
+    python INFER.py --model out --each-line --jsonl < prompts.txt   # one answer per line, batched
+    python INFER.py --model out                                     # at a terminal: a "> " loop until Ctrl-D
+    python INFER.py --model chat-model --chat --system "Be brief." --prompt "Hi" --stop "User:"
 """
+import json
 import sys
 
 import CONFIG
@@ -14,39 +17,85 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def read_prompt(prompt, stdin):
-    if prompt is None:
-        if stdin.isatty():
-            log("reading the prompt from stdin (end with Ctrl-D)")
-        prompt = stdin.read()
-        if prompt.endswith("\n"):  # `echo` adds one; training samples are lines without it
-            prompt = prompt[:-1]
-    if not prompt.strip():
-        raise UserError("empty prompt - pass --prompt TEXT or pipe text on stdin")
-    return prompt
+def read_prompt(stdin):
+    text = stdin.read()
+    if text.endswith("\n"):  # `echo` adds one; training samples are lines without it
+        text = text[:-1]
+    return text
 
 
-def fit_context(ids, max_new_tokens, context):
+def cut_at_stop(text, stops, prefix=""):
+    """(text up to the first stop string, whether one was found). transformers' StopStringCriteria also
+    matches a stop string that begins in the prompt, so `prefix` (the prompt's end) is searched too."""
+    joined = prefix + text
+    hits = [joined.find(s) for s in stops if s in joined]
+    return (text[:max(0, min(hits) - len(prefix))], True) if hits else (text, False)
+
+
+def held_back(text, stops):
+    """How many trailing characters could be the start of a stop string, so must not be printed yet."""
+    return max([k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
+
+
+def make_streamer(tokenizer, stops, out):
+    """transformers' TextStreamer, printing to `out` and never printing a stop string (or its beginning)."""
+    from transformers import TextStreamer
+
+    class StopStreamer(TextStreamer):
+        text, printed, stopped, final, prefix = "", 0, False, "", ""
+
+        def on_finalized_text(self, new, stream_end=False):
+            self.text += new
+            shown, self.stopped = cut_at_stop(self.text, stops, self.prefix)
+            if not (self.stopped or stream_end):
+                shown = shown[:len(shown) - held_back(shown, stops)]
+            if len(shown) > self.printed:
+                out.write(shown[self.printed:])
+                self.printed = len(shown)
+            if stream_end:  # ready for the next prompt; `final` is what was shown of this one
+                out.write("\n")
+                self.text, self.printed, self.final = "", 0, shown
+            out.flush()
+    return StopStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def encode(tokenizer, prompt, g, history=()):
+    """Prompt text -> token ids, through the chat template when --chat."""
+    if not g.chat:
+        return tokenizer(prompt)["input_ids"]
+    if not tokenizer.chat_template:
+        raise UserError("--chat: this model's tokenizer has no chat template - drop --chat, or use a chat model")
+    messages = ([{"role": "system", "content": g.system}] if g.system else []) + list(history)
+    text = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template already holds BOS etc.
+
+
+def fit_context(ids, max_new_tokens, context, warned):
     """Keep the tail of a prompt that leaves no room for max_new_tokens in the context window."""
     max_new_tokens = min(max_new_tokens, context - 1)
     room = context - max_new_tokens
-    if ids.shape[1] > room:
-        log(f"warning: the prompt is {ids.shape[1]} tokens; keeping its last {room} so that {max_new_tokens} new "
-            f"tokens fit the model's context of {context}")
-        ids = ids[:, -room:]
-    return ids, max_new_tokens
+    if len(ids) > room and not warned:
+        log(f"warning: a prompt of {len(ids)} tokens is too long; keeping its last {room} so that "
+            f"{max_new_tokens} new tokens fit the model's context of {context}")
+        warned.append(True)
+    return ids[-room:], max_new_tokens
 
 
 def main(argv):
     cfg, flags, _ = CONFIG.load(argv, CONFIG.INFER_SECTIONS, description=__doc__, config_default=None)
+    g = cfg.infer
     if "model.name" not in flags:
         raise UserError("--model is required: a directory written by TRAIN.py (e.g. --model out) or a hub id")
-    g = cfg.infer
-    prompt = read_prompt(g.prompt, sys.stdin)
+    if g.jsonl and not g.each_line:
+        raise UserError("--jsonl needs --each-line (one JSON object per input line)")
+    interactive = g.prompt is None and not g.each_line and sys.stdin.isatty()
+    prompt = g.prompt if g.prompt is not None or g.each_line or interactive else read_prompt(sys.stdin)
+    if prompt is not None and not prompt.strip():
+        raise UserError("empty prompt - pass --prompt TEXT or pipe text on stdin")
 
     import torch
-    from transformers import TextStreamer
-    from MODEL import context_length, load_pretrained, pick_device, DTYPES
+    from MODEL import DTYPES, context_length, load_pretrained, pick_device
     from TOKENIZER import load_tokenizer
     device = pick_device(cfg.model.device)
     dtype = {"auto": torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32,
@@ -54,17 +103,66 @@ def main(argv):
     model = load_pretrained(cfg.model.name, dtype, attn_implementation=cfg.model.attn_implementation,
                             trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    ids, max_new = fit_context(ids, g.max_new_tokens, context_length(model.config))
+    context, warned = context_length(model.config), []
+    sampling = dict(do_sample=False) if g.greedy or g.temperature == 0 else dict(
+        do_sample=True, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+    if g.stop:
+        sampling.update(stop_strings=g.stop, tokenizer=tokenizer)
     if g.seed is not None:
         torch.manual_seed(g.seed)
-    sampling = dict(do_sample=False) if g.greedy or g.temperature == 0 else dict(do_sample=True, temperature=g.temperature,
-                                                           top_k=g.top_k, top_p=g.top_p)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints to stdout as it goes
-    with torch.inference_mode():
-        model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), max_new_tokens=max_new,
-                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                       streamer=streamer, **sampling)
+
+    @torch.inference_mode()
+    def generate(batch_ids, streamer=None):
+        """Token-id lists -> (new token ids per prompt). Left padding: each row ends where generation starts."""
+        fitted = [fit_context(ids, g.max_new_tokens, context, warned) for ids in batch_ids]
+        if streamer:
+            streamer.prefix = prompt_end(fitted[0][0])
+        width, max_new = max(len(ids) for ids, _ in fitted), fitted[0][1]
+        input_ids = torch.full((len(fitted), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, (ids, _) in enumerate(fitted):
+            input_ids[row, width - len(ids):], mask[row, width - len(ids):] = torch.tensor(ids), 1
+        out = model.generate(input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             streamer=streamer, **sampling)
+        return out[:, width:].tolist()
+
+    def prompt_end(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)[-max(map(len, g.stop), default=0):] if g.stop else ""
+
+    def completion(prompt_ids, new_ids):
+        ids = new_ids[:new_ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new_ids else new_ids
+        return cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), g.stop, prompt_end(prompt_ids))[0], len(ids)
+
+    if g.each_line:  # batched; with --greedy identical to answering the lines one by one
+        lines = [line.rstrip("\n") for line in sys.stdin]
+        for start in range(0, len(lines), g.batch_size):
+            chunk = lines[start:start + g.batch_size]
+            encoded = [encode(tokenizer, p, g) if p.strip() else [] for p in chunk]
+            todo = [i for i, ids in enumerate(encoded) if ids]
+            answers = dict(zip(todo, generate([encoded[i] for i in todo]))) if todo else {}
+            for i, p in enumerate(chunk):
+                text, n_new = completion(encoded[i], answers[i]) if i in answers else ("", 0)
+                record = {"prompt": p, "completion": text, "prompt_tokens": len(encoded[i]), "completion_tokens": n_new}
+                print(json.dumps(record, ensure_ascii=False) if g.jsonl else text.replace("\n", " "), flush=True)
+        return
+
+    streamer = make_streamer(tokenizer, g.stop, sys.stdout)
+    if not interactive:
+        generate([encode(tokenizer, prompt, g)], streamer)
+        return
+    log(f"{cfg.model.name}: type a prompt, Enter to generate, Ctrl-D to quit")
+    history = []
+    while True:
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            log("")
+            return
+        if line.strip():
+            generate([encode(tokenizer, line.rstrip("\n"), g, history)], streamer)
+            history += [{"role": "user", "content": line.rstrip("\n")}, {"role": "assistant", "content": streamer.final}]
 
 
 if __name__ == "__main__":

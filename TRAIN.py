@@ -280,6 +280,8 @@ def train(cfg):
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if bar.disable:  # no terminal (a log file, CI): a plain line instead of the progress bar
+                log(f"step {step}/{total_steps} loss {row['loss']:.4f} lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s")
             t0, tokens, loss_sum, logged = time.perf_counter(), 0, torch.zeros((), device=device), 0
         if bad_steps >= t.max_bad_steps:
             path = checkpoint(step)
@@ -294,6 +296,11 @@ def train(cfg):
     bar.close()
     metrics.close()
     save_final(out, model, tokenizer, cfg)
+    try:
+        from EVAL import plot_metrics
+        log(f"loss curve: {plot_metrics(out)}")
+    except UserError as e:  # matplotlib is optional
+        log(f"no loss curve: {e}")
     log(f"done: model in {out}/ - try: python INFER.py --model {out} --prompt \"...\"")
 
 

@@ -44,8 +44,8 @@ CASES = [
     ("batch size 0", "TRAIN.py", ["--batch-size", "0"], None, "training.batch_size: must be >= 1"),
     ("negative lr", "TRAIN.py", ["--learning-rate", "-0.1"], None, "training.learning_rate: must be > 0"),
     ("grad_accum 0", "TRAIN.py", ["--grad-accum", "0"], None, "training.grad_accum: must be >= 1"),
-    ("max_length above context", "TRAIN.py", ["--max-length", "100"], None,
-     "training.max_length: 100 is above the model's context of 64"),
+    ("max_length above context", "TRAIN.py", ["--max-length", "200"], None,
+     "training.max_length: 200 is above the model's context of 128"),
     ("yaml syntax", "TRAIN.py", ["--config", "{t}/broken.yaml"], None, "{t}/broken.yaml:4: YAML does not parse"),
     ("missing config", "TRAIN.py", ["--config", "{t}/none.yaml"], None, "{t}/none.yaml: config file not found"),
     ("model path missing", "TRAIN.py", ["--model", "{t}/no-model"], None, "{t}/no-model: no such model directory"),
@@ -97,7 +97,7 @@ def test_overlong_line_is_truncated_with_one_warning(tmp_path):
 def test_prompt_longer_than_context_keeps_the_tail_with_one_warning(trained):
     r = run("INFER.py", "--model", trained, "--prompt", LONG_LINE, "--max-new-tokens", "10", "--greedy")
     assert r.returncode == 0, r.stderr
-    assert r.stderr.count("keeping its last 54") == 1 and r.stdout.strip()
+    assert r.stderr.count("keeping its last 118") == 1 and r.stdout.strip()
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):

@@ -1,8 +1,15 @@
 """INFER.py: greedy output equals transformers' generate, stdout carries only the continuation."""
+import json
+import os
+import pty
+import shutil
+import subprocess
+import sys
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run
+from conftest import ROOT, run
 
 
 def reference_greedy(path, prompt, n):
@@ -43,3 +50,69 @@ def test_checkpoint_dir_works_as_model(trained):
 def test_empty_prompt_is_a_clear_error(trained):
     r = run("INFER.py", "--model", trained, stdin="")
     assert r.returncode == 2 and "empty prompt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_each_line_batched_equals_one_by_one(trained):
+    prompts = "Once upon a time\nThe cat sat on\nA\nThe little robot lived in a busy\n"
+    batched = run("INFER.py", "--model", trained, "--each-line", "--greedy", "--batch-size", "4",
+                  "--max-new-tokens", "12", stdin=prompts)
+    single = run("INFER.py", "--model", trained, "--each-line", "--greedy", "--batch-size", "1",
+                 "--max-new-tokens", "12", stdin=prompts)
+    assert batched.returncode == 0, batched.stderr
+    assert batched.stdout == single.stdout and len(batched.stdout.splitlines()) == 4
+    first = run("INFER.py", "--model", trained, "--greedy", "--max-new-tokens", "12", "--prompt", "Once upon a time")
+    assert batched.stdout.splitlines()[0] == first.stdout.rstrip("\n").replace("\n", " ")
+
+
+def test_jsonl_mode_writes_one_object_per_prompt(trained):
+    r = run("INFER.py", "--model", trained, "--each-line", "--jsonl", "--greedy", "--max-new-tokens", "6",
+            stdin="Once upon a time\n\nThe\n")
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["prompt"] for row in rows] == ["Once upon a time", "", "The"]
+    assert rows[1]["completion"] == "" and rows[1]["completion_tokens"] == 0
+    tok = AutoTokenizer.from_pretrained(trained)
+    assert rows[0]["prompt_tokens"] == len(tok("Once upon a time")["input_ids"])
+    assert 0 < rows[0]["completion_tokens"] <= 6 and rows[0]["completion"] == reference_greedy(trained, "Once upon a time", 6)
+
+
+def test_stop_string_ends_generation_and_is_not_printed(trained):
+    full = run("INFER.py", "--model", trained, "--greedy", "--max-new-tokens", "30", "--prompt", "Once upon a time")
+    text = full.stdout.rstrip("\n")
+    stop = text[len(text) // 2:len(text) // 2 + 3]  # three characters from the middle of the greedy text
+    r = run("INFER.py", "--model", trained, "--greedy", "--max-new-tokens", "30", "--prompt", "Once upon a time",
+            "--stop", stop, "--stop", "never-generated-zzz")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == text[:text.find(stop)]
+
+
+def test_chat_applies_the_template(trained, tmp_path):
+    model_dir = tmp_path / "chat"
+    shutil.copytree(trained, model_dir, ignore=shutil.ignore_patterns("ckpt-*"))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    tok.save_pretrained(model_dir)
+    r = run("INFER.py", "--model", model_dir, "--chat", "--system", "Be kind.", "--prompt", "Hello",
+            "--greedy", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == reference_greedy(model_dir, "system: Be kind.\nuser: Hello\nassistant:", 8)
+
+
+def test_chat_without_template_is_a_clear_error(trained):
+    r = run("INFER.py", "--model", trained, "--chat", "--prompt", "Hello")
+    assert r.returncode == 2 and "has no chat template" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_interactive_loop_at_a_terminal(trained):
+    """With a terminal on stdin and no prompt: a "> " loop, one answer per line, until EOF."""
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "INFER.py", "--model", str(trained), "--greedy", "--max-new-tokens", "5"],
+                            cwd=ROOT, stdin=child, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(child)
+    os.write(main, b"Once upon a time\n")
+    os.write(main, b"\x04")  # Ctrl-D: end of input
+    out, err = proc.communicate(timeout=120)
+    os.close(main)
+    assert proc.returncode == 0, err
+    assert err.count("> ") >= 2 and "Ctrl-D" in err
+    assert out.rstrip("\n") == reference_greedy(trained, "Once upon a time", 5)

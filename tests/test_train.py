@@ -21,7 +21,7 @@ def weights(path):
 
 def tiny_model():
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("gpt2", n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50,
+    cfg = AutoConfig.for_model("gpt2", n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=50,
                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return AutoModelForCausalLM.from_config(cfg)
 
@@ -55,7 +55,7 @@ def test_accumulated_gradients_equal_big_batch_gradients_with_unequal_lengths():
 def test_train_py_accumulation_matches_big_batch(tmp_path):
     """batch 8 x accum 1 and batch 2 x accum 4 give the same first AdamW moment, i.e. the same gradient."""
     common = ["--max-steps", "1", "--grad-clip", "0", "--save-every", "1", "--config-overrides",
-              "{n_layer: 2, n_head: 2, n_embd: 32, n_positions: 64, resid_pdrop: 0, embd_pdrop: 0, attn_pdrop: 0}"]
+              "{n_layer: 2, n_head: 2, n_embd: 32, n_positions: 128, resid_pdrop: 0, embd_pdrop: 0, attn_pdrop: 0}"]
     train(tmp_path / "big", *common, "--batch-size", "8", "--grad-accum", "1", "--from-scratch", "--model", "gpt2")
     train(tmp_path / "acc", *common, "--batch-size", "2", "--grad-accum", "4", "--from-scratch", "--model", "gpt2")
     big = torch.load(tmp_path / "big/ckpt-step-1/training_state.pt", weights_only=True)["optimizer"]["state"]
@@ -139,3 +139,18 @@ def test_weight_decay_goes_to_matrices_only():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_seed_command_fine_tunes_a_local_model_directory(tmp_path, trained):
+    """The seed's command line, with a local model directory in place of gpt2 and the default config.yaml."""
+    out = tmp_path / "out"
+    r = run("TRAIN.py", "--model", trained, "--data", "data/train.txt", "data/train.jsonl", "--out", out,
+            "--epochs", "1", "--batch-size", "2", "--grad-accum", "16")
+    assert r.returncode == 0, r.stderr
+    assert "global batch 32 = 2 x 16 accum" in r.stderr
+    ckpts = sorted(out.glob("ckpt-step-*"))
+    assert ckpts
+    for path in (out, *ckpts):
+        assert AutoModelForCausalLM.from_pretrained(path).config.n_embd == 32  # the local model, not scratch
+        g = run("INFER.py", "--model", path, "--prompt", "Once upon a time", "--max-new-tokens", "5")
+        assert g.returncode == 0 and g.stdout.strip(), g.stderr
