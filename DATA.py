@@ -84,7 +84,7 @@ def tokenize(paths, tokenizer, max_length, chunk=1000):
         if len(buf) == chunk:
             flush()
     flush()
-    if cut:
+    if cut and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
         print(f"warning: {cut} of {len(samples)} samples are longer than max_length={max_length} tokens "
               "and were truncated (raise --max-length to keep them whole)", file=sys.stderr)
     return samples

@@ -24,7 +24,8 @@ CONFIG_FILE = "train_config.yaml"
 
 
 def log(*a):
-    print(*a, file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
+        print(*a, file=sys.stderr, flush=True)
 
 
 def lr_at(step, t, total_steps):
@@ -129,7 +130,7 @@ def resume_path(cfg):
     return r
 
 
-def load_state(path, optimizer, scaler):
+def load_state(path, optimizer, scaler, rank=0, world=1):
     """Restore optimizer, scaler and RNG from training_state.pt. weights_only=True: tensors and plain data only."""
     import pickle
     import torch
@@ -147,7 +148,12 @@ def load_state(path, optimizer, scaler):
                     raise ValueError(f"optimizer state of shape {tuple(s['exp_avg'].shape)} for a parameter of "
                                      f"shape {tuple(p.shape)}")
         scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
+        rngs = state["rng_cpu"]
+        if len(rngs) == world:
+            torch.set_rng_state(rngs[rank])
+        else:  # the world size changed: dropout cannot continue exactly, so re-seed it per rank
+            torch.manual_seed(state["step"] * 1000 + rank)
+            log(f"note: checkpoint written by {len(rngs)} processes, resumed on {world}: dropout RNG re-seeded")
         if torch.cuda.is_available() and state["rng_cuda"]:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
     except (KeyError, ValueError, RuntimeError) as e:
@@ -185,49 +191,82 @@ def setup(cfg):
     return device, tokenizer, model, samples, resume
 
 
+def init_distributed():
+    """(rank, world_size, local_rank) from the environment torchrun sets; (0, 1, 0) for plain `python TRAIN.py`."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    import torch
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
 def train(cfg):
     import torch
+    import torch.distributed as dist
     import transformers
     from tqdm import tqdm
-    from DATA import collate, count_targets, sample_indices
+    from DATA import collate, sample_indices
     from MODEL import pick_dtype
     t, out = cfg.training, cfg.output.dir
     transformers.utils.logging.disable_progress_bar()  # our own bar is the one progress line
-    prepare_out_dir(cfg)
+    rank, world, local_rank = init_distributed()
+    master = rank == 0  # only rank 0 logs, writes metrics and checkpoints
+    barrier = dist.barrier if world > 1 else (lambda: None)
+    if master:
+        prepare_out_dir(cfg)
+    barrier()
     torch.manual_seed(t.seed)
-    device, tokenizer, model, samples, resume = setup(cfg)
+    device, tokenizer, raw_model, samples, resume = setup(cfg)
+    device = f"cuda:{local_rank}" if device == "cuda" and world > 1 else device
+    raw_model.to(device)
+    model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[local_rank] if "cuda" in device
+                                                      else None) if world > 1 else raw_model
 
     # precision: autocast does the low-precision math over fp32 weights; the scaler is a no-op unless fp16
-    ptdtype = pick_dtype(cfg.model.dtype, device)
-    autocast = torch.autocast(device_type=device, dtype=ptdtype, enabled=ptdtype != torch.float32)
-    scaler = torch.amp.GradScaler(device, enabled=ptdtype == torch.float16)
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.learning_rate, betas=(t.beta1, t.beta2),
-                                  fused=device == "cuda")
+    device_type = device.split(":")[0]
+    ptdtype = pick_dtype(cfg.model.dtype, device_type)
+    autocast = torch.autocast(device_type=device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    optimizer = torch.optim.AdamW(param_groups(raw_model, t.weight_decay), lr=t.learning_rate,
+                                  betas=(t.beta1, t.beta2), fused=device_type == "cuda")
     step, position, bad_steps = 0, 0, 0
     if resume:
-        state = load_state(resume, optimizer, scaler)
+        state = load_state(resume, optimizer, scaler, rank, world)
         step, position, bad_steps = state["step"], state["position"], state["bad_steps"]
         log(f"resumed from {resume} at step {step}")
-        trim_metrics(os.path.join(out, "metrics.jsonl"), step)
+        if master:
+            trim_metrics(os.path.join(out, "metrics.jsonl"), step)
+    if not resume:
+        torch.manual_seed(t.seed + rank)  # dropout masks differ between ranks
 
-    global_batch = t.batch_size * t.grad_accum
+    global_batch = t.batch_size * t.grad_accum * world
     total_steps = t.max_steps or math.ceil(t.epochs * len(samples) / global_batch)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"{n_params / 1e6:.2f}M parameters | {len(samples)} samples | global batch {global_batch} = "
-        f"{t.batch_size} x {t.grad_accum} accum | {total_steps} steps | {device} {str(ptdtype)[6:]}")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, CONFIG_FILE), "w") as fh:
-        fh.write(CONFIG.dump(cfg))
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a")
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    log(f"{n_params / 1e6:.2f}M parameters | {len(samples)} samples | global batch {global_batch} = {t.batch_size} "
+        f"x {t.grad_accum} accum x {world} ranks | {total_steps} steps | {device} {str(ptdtype)[6:]}")
+    if master:
+        with open(os.path.join(out, CONFIG_FILE), "w") as fh:
+            fh.write(CONFIG.dump(cfg))
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if master else None
 
     def checkpoint(step):
-        state = {"step": step, "position": position, "bad_steps": bad_steps, "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        rng = [torch.get_rng_state()]
+        if world > 1:  # every rank's dropout RNG, so a resume on as many ranks continues exactly
+            rng = [torch.empty_like(rng[0]) for _ in range(world)]
+            dist.all_gather(rng, torch.get_rng_state().to(device) if device_type == "cuda" else torch.get_rng_state())
+            rng = [r.cpu() for r in rng]
         path = os.path.join(out, f"ckpt-step-{step}")
-        write_model_dir(path, model, tokenizer, cfg, state)
-        for _, old in checkpoints(out)[:-t.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        if master:
+            state = {"step": step, "position": position, "bad_steps": bad_steps, "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "rng_cpu": rng,
+                     "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            write_model_dir(path, raw_model, tokenizer, cfg, state)
+            for _, old in checkpoints(out)[:-t.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()  # nobody goes on before the checkpoint is complete
         return path
 
     # Ctrl-C / SIGTERM: finish the step, checkpoint, exit. A second signal exits at once; checkpoints are
@@ -243,27 +282,30 @@ def train(cfg):
     signal.signal(signal.SIGTERM, on_signal)
 
     model.train()
-    bar = tqdm(total=total_steps, initial=step, file=sys.stderr, dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total_steps, initial=step, file=sys.stderr, dynamic_ncols=True, disable=None if master else True)
     t0, tokens, loss_sum, logged = time.perf_counter(), 0, torch.zeros((), device=device), 0
     while step < total_steps:
         lr = lr_at(step, t, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = sample_indices(position, global_batch, len(samples), t.seed)
-        micro = [collate([samples[i] for i in idx[k:k + t.batch_size]], tokenizer.pad_token_id)
-                 for k in range(0, global_batch, t.batch_size)]
-        # normalise by the target tokens of the whole accumulated batch, so accumulation == one big batch
-        n_targets = torch.tensor(sum(count_targets(b) for b in micro), device=device)
-        tokens += sum(int(b["attention_mask"].sum()) for b in micro)  # CPU tensors: no device sync
-        for batch in micro:
+        idx = sample_indices(position, global_batch, len(samples), t.seed)  # the global batch, same on all ranks
+        # normalise by the target tokens of the whole global batch (every rank can count them, no all-reduce),
+        # so accumulation and ranks == one big batch. DDP averages gradients over ranks: undo that with / world.
+        n_targets = max(1, sum(len(samples[i]) - 1 for i in idx))
+        tokens += sum(len(samples[i]) for i in idx)
+        micro = [collate([samples[i] for i in idx[(m * world + rank) * t.batch_size:][:t.batch_size]],
+                         tokenizer.pad_token_id) for m in range(t.grad_accum)]  # this rank's share of each micro-step
+        for m, batch in enumerate(micro):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if world > 1:
+                model.require_backward_grad_sync = m == t.grad_accum - 1  # all-reduce once, on the last micro-step
             with autocast:
-                loss = model(**batch, num_items_in_batch=n_targets).loss  # sum of token NLL / n_targets
+                loss = model(**batch, num_items_in_batch=torch.tensor(n_targets / world, device=device)).loss
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
         scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-        finite = bool(torch.isfinite(norm))  # one host sync per optimizer step, never per micro-step
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip or float("inf"))
+        finite = bool(torch.isfinite(norm))  # one host sync per optimizer step; equal on all ranks (synced grads)
         if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself and lowers its scale
             scaler.step(optimizer)
         scaler.update()
@@ -271,16 +313,24 @@ def train(cfg):
         bad_steps = 0 if finite or scaler.is_enabled() else bad_steps + 1
         step, position, logged = step + 1, position + global_batch, logged + 1
         bar.update(1)
+        if world > 1:  # ranks must agree to stop at the same step, or the others hang in the next all-reduce
+            flag = torch.tensor(len(stop), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not stop:
+                stop.append(signal.SIGTERM)
 
         last = step == total_steps or stop or bad_steps >= t.max_bad_steps
         if step % t.log_every == 0 or last:
+            if world > 1:
+                dist.all_reduce(loss_sum)  # each rank holds its share of the mean token loss
             dt = time.perf_counter() - t0
-            row = {"step": step, "loss": loss_sum.item() / logged, "lr": lr,
-                   "grad_norm": norm.item(), "tokens_per_s": tokens / dt, "skipped_steps": bad_steps}
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            row = {"step": step, "loss": loss_sum.item() / logged / world, "lr": lr, "grad_norm": norm.item(),
+                   "tokens_per_s": tokens / dt, "skipped_steps": bad_steps}
+            if master:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if bar.disable:  # no terminal (a log file, CI): a plain line instead of the progress bar
+            if bar.disable and master:  # no terminal (a log file, CI): a plain line instead of the progress bar
                 log(f"step {step}/{total_steps} loss {row['loss']:.4f} lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s")
             t0, tokens, loss_sum, logged = time.perf_counter(), 0, torch.zeros((), device=device), 0
         if bad_steps >= t.max_bad_steps:
@@ -294,14 +344,18 @@ def train(cfg):
                     f"--resume auto")
                 sys.exit(128 + stop[0])
     bar.close()
-    metrics.close()
-    save_final(out, model, tokenizer, cfg)
-    try:
-        from EVAL import plot_metrics
-        log(f"loss curve: {plot_metrics(out)}")
-    except UserError as e:  # matplotlib is optional
-        log(f"no loss curve: {e}")
-    log(f"done: model in {out}/ - try: python INFER.py --model {out} --prompt \"...\"")
+    if master:
+        metrics.close()
+        save_final(out, raw_model, tokenizer, cfg)
+        try:
+            from EVAL import plot_metrics
+            log(f"loss curve: {plot_metrics(out)}")
+        except UserError as e:  # matplotlib is optional
+            log(f"no loss curve: {e}")
+        log(f"done: model in {out}/ - try: python INFER.py --model {out} --prompt \"...\"")
+    barrier()
+    if world > 1:
+        dist.destroy_process_group()
 
 
 def main(argv):
