@@ -74,6 +74,7 @@ class TrainingCfg:
     log_every: int = opt(10, "log loss, lr and tokens/s every N steps", min=1)
     resume: Optional[str] = opt(None, "'auto' (newest complete checkpoint in the output dir) or a checkpoint path")
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row", min=1)
+    fsdp: bool = opt(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard)")
 
 
 @dataclass

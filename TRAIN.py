@@ -54,13 +54,13 @@ def checkpoints(out_dir):
     return sorted(found)
 
 
-def write_model_dir(path, model, tokenizer, cfg, state=None):
+def write_model_dir(path, model, tokenizer, cfg, state=None, state_dict=None):
     """Write a loadable model directory to a temporary sibling, then rename it into place (atomic)."""
     import torch
     tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{os.path.basename(path)}-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
             fh.write(CONFIG.dump(cfg))
@@ -77,10 +77,10 @@ def write_model_dir(path, model, tokenizer, cfg, state=None):
                         "permissions; the previous checkpoint is intact")
 
 
-def save_final(out_dir, model, tokenizer, cfg):
+def save_final(out_dir, model, tokenizer, cfg, state_dict=None):
     """The final model goes to OUT/ itself; files are moved in one by one from a complete temporary copy."""
     staging = os.path.join(out_dir, "final")
-    write_model_dir(staging, model, tokenizer, cfg)
+    write_model_dir(staging, model, tokenizer, cfg, state_dict=state_dict)
     for name in os.listdir(staging):
         os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
     os.rmdir(staging)
@@ -130,7 +130,7 @@ def resume_path(cfg):
     return r
 
 
-def load_state(path, optimizer, scaler, rank=0, world=1):
+def load_state(path, optimizer, scaler, rank=0, world=1, fsdp_model=None):
     """Restore optimizer, scaler and RNG from training_state.pt. weights_only=True: tensors and plain data only."""
     import pickle
     import torch
@@ -140,7 +140,10 @@ def load_state(path, optimizer, scaler, rank=0, world=1):
         raise UserError(f"{path}/{STATE}: refused to load ({str(e).splitlines()[0][:160]}) - it is corrupt or holds "
                         "objects other than tensors; use another checkpoint")
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp_model is None:
+            optimizer.load_state_dict(state["optimizer"])
+        else:
+            set_full_optimizer_state(fsdp_model, optimizer, state["optimizer"])
         for group in optimizer.param_groups:
             for p in group["params"]:
                 s = optimizer.state.get(p, {})
@@ -191,6 +194,40 @@ def setup(cfg):
     return device, tokenizer, model, samples, resume
 
 
+def shard(model):
+    """FSDP2: shard every transformer block (the classes HF lists in _no_split_modules), then the rest."""
+    from torch.distributed.fsdp import fully_shard
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    return fully_shard(model)
+
+
+FULL = dict(full_state_dict=True, cpu_offload=True)
+
+
+def full_optimizer_state(model, optimizer):
+    """An FSDP optimizer's state gathered and keyed by parameter index, as optimizer.state_dict() is, so the
+    checkpoint format is the same for plain, DDP and FSDP runs (collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(**FULL))
+    if not full:  # with cpu_offload only rank 0 receives the gathered state
+        return {}
+    index = {name: i for i, name in enumerate(n for g in full["param_groups"] for n in g["params"])}
+    return {"state": {index[n]: s for n, s in full["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]}
+
+
+def set_full_optimizer_state(model, optimizer, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = {p: n for n, p in model.named_parameters()}
+    name = [names[p] for g in optimizer.param_groups for p in g["params"]]
+    by_name = {"state": {name[i]: s for i, s in state["state"].items()},
+               "param_groups": [{**g, "params": [name[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
 def init_distributed():
     """(rank, world_size, local_rank) from the environment torchrun sets; (0, 1, 0) for plain `python TRAIN.py`."""
     if "RANK" not in os.environ:
@@ -222,8 +259,18 @@ def train(cfg):
     device, tokenizer, raw_model, samples, resume = setup(cfg)
     device = f"cuda:{local_rank}" if device == "cuda" and world > 1 else device
     raw_model.to(device)
-    model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[local_rank] if "cuda" in device
-                                                      else None) if world > 1 else raw_model
+    if t.fsdp and world == 1:
+        raise UserError("--fsdp shards the model over processes - launch with torchrun --nproc_per_node N TRAIN.py …")
+    if t.fsdp:
+        model = raw_model = shard(raw_model)  # in place: parameters become DTensor shards
+    elif world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[local_rank] if "cuda" in device
+                                                          else None)
+    else:
+        model = raw_model
+    # gradient all-reduce only on the last micro-step of an optimizer step
+    sync_grads = model.set_requires_gradient_sync if t.fsdp else (
+        lambda on: setattr(model, "require_backward_grad_sync", on))
 
     # precision: autocast does the low-precision math over fp32 weights; the scaler is a no-op unless fp16
     device_type = device.split(":")[0]
@@ -234,7 +281,7 @@ def train(cfg):
                                   betas=(t.beta1, t.beta2), fused=device_type == "cuda")
     step, position, bad_steps = 0, 0, 0
     if resume:
-        state = load_state(resume, optimizer, scaler, rank, world)
+        state = load_state(resume, optimizer, scaler, rank, world, model if t.fsdp else None)
         step, position, bad_steps = state["step"], state["position"], state["bad_steps"]
         log(f"resumed from {resume} at step {step}")
         if master:
@@ -252,7 +299,18 @@ def train(cfg):
             fh.write(CONFIG.dump(cfg))
     metrics = open(os.path.join(out, "metrics.jsonl"), "a") if master else None
 
+    def gather():
+        """(full model state dict, optimizer state) on every rank for FSDP; (None, local state) otherwise."""
+        if not t.fsdp:
+            return None, optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        weights = get_model_state_dict(model, options=StateDictOptions(**FULL))  # rank 0 gets it, others {}
+        for tied in getattr(raw_model, "all_tied_weights_keys", None) or {}:  # as save_pretrained: one copy
+            weights.pop(tied, None)
+        return weights, full_optimizer_state(model, optimizer)
+
     def checkpoint(step):
+        weights, optim_state = gather()
         rng = [torch.get_rng_state()]
         if world > 1:  # every rank's dropout RNG, so a resume on as many ranks continues exactly
             rng = [torch.empty_like(rng[0]) for _ in range(world)]
@@ -260,10 +318,10 @@ def train(cfg):
             rng = [r.cpu() for r in rng]
         path = os.path.join(out, f"ckpt-step-{step}")
         if master:
-            state = {"step": step, "position": position, "bad_steps": bad_steps, "optimizer": optimizer.state_dict(),
+            state = {"step": step, "position": position, "bad_steps": bad_steps, "optimizer": optim_state,
                      "scaler": scaler.state_dict(), "rng_cpu": rng,
                      "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-            write_model_dir(path, raw_model, tokenizer, cfg, state)
+            write_model_dir(path, raw_model, tokenizer, cfg, state, weights)
             for _, old in checkpoints(out)[:-t.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()  # nobody goes on before the checkpoint is complete
@@ -298,13 +356,14 @@ def train(cfg):
         for m, batch in enumerate(micro):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if world > 1:
-                model.require_backward_grad_sync = m == t.grad_accum - 1  # all-reduce once, on the last micro-step
+                sync_grads(m == t.grad_accum - 1)
             with autocast:
                 loss = model(**batch, num_items_in_batch=torch.tensor(n_targets / world, device=device)).loss
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip or float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         finite = bool(torch.isfinite(norm))  # one host sync per optimizer step; equal on all ranks (synced grads)
         if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself and lowers its scale
             scaler.step(optimizer)
@@ -344,9 +403,10 @@ def train(cfg):
                     f"--resume auto")
                 sys.exit(128 + stop[0])
     bar.close()
+    weights, _ = gather()
     if master:
         metrics.close()
-        save_final(out, raw_model, tokenizer, cfg)
+        save_final(out, raw_model, tokenizer, cfg, weights)
         try:
             from EVAL import plot_metrics
             log(f"loss curve: {plot_metrics(out)}")

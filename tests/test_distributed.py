@@ -69,3 +69,22 @@ def test_killing_one_rank_ends_the_job_with_an_error(tmp_path):
         proc.kill()
     assert proc.returncode != 0 and time.time() - killed < 60
     assert "rank      : 1" in err and "SIGKILL" in err
+
+
+def test_fsdp_equals_one_process_and_writes_plain_checkpoints(tmp_path, single):
+    """FSDP2 (fully_shard) runs on CPU/gloo in torch 2.13: same weights, same checkpoint format."""
+    torchrun(tmp_path / "fsdp", *NO_DROPOUT, "--batch-size", "4", "--grad-accum", "1", "--fsdp")
+    assert_same_weights(tmp_path / "fsdp", single)
+    assert_same_weights(tmp_path / "fsdp" / "ckpt-step-2", single / "ckpt-step-2")
+    train(tmp_path / "one", *NO_DROPOUT, "--batch-size", "8", "--grad-accum", "1", "--resume",
+          tmp_path / "fsdp" / "ckpt-step-2")
+    assert_same_weights(tmp_path / "one", single)
+    torchrun(tmp_path / "back", *NO_DROPOUT, "--batch-size", "4", "--grad-accum", "1", "--fsdp", "--resume",
+             single / "ckpt-step-2")
+    assert_same_weights(tmp_path / "back", single)
+
+
+def test_fsdp_without_torchrun_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, "TRAIN.py", "--config", TINY, "--out", str(tmp_path), "--fsdp"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "launch with torchrun" in r.stderr and "Traceback" not in r.stderr
