@@ -52,6 +52,12 @@ class TokenizerCfg:
 class DataCfg:
     files: list = opt(["data/train.txt", "data/train.jsonl"],
                       ".txt (one sample per non-empty line) and .jsonl ({\"text\": …} per line) files", flag="--data")
+    packing: bool = opt(True, "join documents with EOS and cut into max_length blocks (pretraining); "
+                        "--no-packing: one padded sample per document (fine-tuning)")
+    val_files: list = opt([], "validation files", flag="--val-data")
+    val_fraction: float = opt(0.0, "hold out this fraction of the documents (the last ones) for validation",
+                              min=0, at_most=0.5)
+    cache_dir: str = opt("data/.cache", "where tokenized data is cached (memory-mapped, reused across runs)")
 
 
 @dataclass
@@ -74,6 +80,9 @@ class TrainingCfg:
     log_every: int = opt(10, "log loss, lr and tokens/s every N steps", min=1)
     resume: Optional[str] = opt(None, "'auto' (newest complete checkpoint in the output dir) or a checkpoint path")
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row", min=1)
+    eval_every: int = opt(0, "compute validation loss every N steps (0 = only at the end, when there is val data)",
+                          min=0)
+    save_best: bool = opt(False, "keep the checkpoint with the lowest validation loss in OUT/ckpt-best")
     fsdp: bool = opt(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard)")
 
 

@@ -4,9 +4,13 @@ the seeded sample order, and collating samples into padded batches.
 .txt   one sample per non-empty line
 .jsonl one JSON object per line with a string field "text"
 """
+import hashlib
+import itertools
 import json
 import os
+import shutil
 import sys
+import time
 
 import torch
 
@@ -67,27 +71,110 @@ def iter_texts(paths):
             yield text
 
 
-def tokenize(paths, tokenizer, max_length, chunk=1000):
-    """Every sample as a list of token ids ending in EOS, cut to max_length (one warning counts the cuts)."""
-    eos, samples, cut, buf = tokenizer.eos_token_id, [], 0, []
+def log(*a):
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        print(*a, file=sys.stderr, flush=True)
 
-    def flush():
-        nonlocal cut
-        for ids in tokenizer(buf)["input_ids"]:  # add_special_tokens: BOS where the model family uses one
-            ids = ids + [eos] if not ids or ids[-1] != eos else ids
-            cut += len(ids) > max_length
-            samples.append(ids[:max_length])
-        buf.clear()
 
-    for text in iter_texts(paths):
-        buf.append(text)
-        if len(buf) == chunk:
+def fingerprint(paths, *extra):
+    """A key that changes when any file (path, size, mtime, first and last 64 KiB) or `extra` changes."""
+    h = hashlib.sha256(json.dumps([str(e) for e in extra]).encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.realpath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        with open(p, "rb") as fh:
+            h.update(fh.read(1 << 16))
+            fh.seek(max(0, st.st_size - (1 << 16)))
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{text}|{tokenizer.eos_token_id}".encode()).hexdigest()[:16]
+
+
+def token_cache(paths, tokenizer, cache_dir, chunk=4096):
+    """Tokenize the files once into cache_dir/<key>/: tokens.bin (every document's ids + EOS, uint16 or
+    uint32, back to back) and ends.bin (int64 end offset of each document), as nanoGPT's train.bin plus
+    document boundaries. Streams: one chunk of lines in memory at a time. Reused while files and
+    tokenizer are unchanged. Returns (tokens, ends) as read-only memory maps."""
+    import numpy as np
+    path = os.path.join(cache_dir, fingerprint(paths, tokenizer_fingerprint(tokenizer)))
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+        tmp = f"{path}.tmp-{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        eos, n_tokens, n_docs, buf, t0 = tokenizer.eos_token_id, 0, 0, [], time.time()
+        with open(os.path.join(tmp, "tokens.bin"), "wb") as tok_fh, open(os.path.join(tmp, "ends.bin"), "wb") as end_fh:
+            def flush():
+                nonlocal n_tokens, n_docs
+                # the fast tokenizer encodes a list on all cores; add_special_tokens: BOS where the family uses one
+                docs = [ids if ids and ids[-1] == eos else ids + [eos] for ids in tokenizer(buf)["input_ids"]]
+                lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+                np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=int(lengths.sum())).tofile(tok_fh)
+                (n_tokens + np.cumsum(lengths)).tofile(end_fh)
+                n_tokens, n_docs = n_tokens + int(lengths.sum()), n_docs + len(docs)
+                buf.clear()
+            for text in iter_texts(paths):
+                buf.append(text)
+                if len(buf) == chunk:
+                    flush()
             flush()
-    flush()
-    if cut and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
-        print(f"warning: {cut} of {len(samples)} samples are longer than max_length={max_length} tokens "
-              "and were truncated (raise --max-length to keep them whole)", file=sys.stderr)
-    return samples
+        with open(os.path.join(tmp, "meta.json"), "w") as fh:
+            json.dump({"files": paths, "tokens": n_tokens, "documents": n_docs, "dtype": np.dtype(dtype).name}, fh)
+        os.replace(tmp, path) if not os.path.exists(path) else shutil.rmtree(tmp)
+        log(f"tokenized {n_docs} documents, {n_tokens} tokens in {time.time() - t0:.1f}s -> {path}")
+    else:
+        log(f"reusing token cache {path}")
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    return (np.memmap(os.path.join(path, "tokens.bin"), dtype=meta["dtype"], mode="r", shape=(meta["tokens"],)),
+            np.memmap(os.path.join(path, "ends.bin"), dtype=np.int64, mode="r", shape=(meta["documents"],)))
+
+
+def spans(ends, first_doc, last_doc, max_length, packing):
+    """The training sequences of documents [first_doc, last_doc) as an (N, 2) array of token ranges.
+
+    packing: the documents' tokens (each ending in EOS) back to back, cut into blocks of max_length that
+      overlap by one token, so that every token but the very first is a target exactly once; the last,
+      shorter block is kept (and padded in its batch), never dropped.
+    otherwise: one sequence per document, cut to max_length (one warning counts the cuts).
+    """
+    import numpy as np
+    starts = np.concatenate([[0], ends[:-1]])[first_doc:last_doc]
+    stops = np.asarray(ends[first_doc:last_doc])
+    if packing:
+        lo, hi = int(starts[0]), int(stops[-1])
+        block_starts = np.arange(lo, max(lo + 1, hi - 1), max_length - 1, dtype=np.int64)
+        return np.stack([block_starts, np.minimum(block_starts + max_length, hi)], axis=1)
+    cut = int((stops - starts > max_length).sum())
+    if cut:
+        log(f"warning: {cut} of {len(starts)} samples are longer than max_length={max_length} tokens "
+            "and were truncated (raise --max-length to keep them whole)")
+    return np.stack([starts, np.minimum(stops, starts + max_length)], axis=1)
+
+
+def load(dcfg, tokenizer, max_length):
+    """(tokens, train spans, val tokens, val spans) for the data section of the config; val may be None."""
+    tokens, ends = token_cache(dcfg.files, tokenizer, dcfg.cache_dir)
+    n_val = int(len(ends) * dcfg.val_fraction)
+    if dcfg.val_files:
+        check_files(dcfg.val_files)
+        val_tokens, val_ends = token_cache(dcfg.val_files, tokenizer, dcfg.cache_dir)
+        val = spans(val_ends, 0, len(val_ends), max_length, dcfg.packing)
+    elif n_val:  # the last val_fraction of the documents, in file order
+        if n_val == len(ends):
+            raise UserError(f"data.val_fraction: {dcfg.val_fraction} leaves no training documents")
+        val_tokens, val = tokens, spans(ends, len(ends) - n_val, len(ends), max_length, dcfg.packing)
+    else:
+        val_tokens, val = None, None
+    train = spans(ends, 0, len(ends) - (0 if dcfg.val_files else n_val), max_length, dcfg.packing)
+    in_blocks = int((train[:, 1] - train[:, 0]).sum())
+    log(f"data: {int(ends[-1])} tokens in {len(ends)} documents -> {len(train)} "
+        f"{'packed blocks' if dcfg.packing else 'samples'} of <= {max_length} tokens ({in_blocks} tokens)"
+        + (f"; validation: {len(val)} sequences" if val is not None else ""))
+    return tokens, train, val_tokens, val
 
 
 def sample_indices(start, count, n, seed):
@@ -120,6 +207,11 @@ def collate(batch, pad_id):
         attention_mask[row, :len(ids)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def gather(tokens, spans, indices):
+    """The token-id lists of the given sequences, read from the (memory-mapped) token array."""
+    return [tokens[spans[i, 0]:spans[i, 1]].tolist() for i in indices]
 
 
 def count_targets(batch):

@@ -1,4 +1,6 @@
 """Tokenizers: load a model's tokenizer (with a pad token), or train a byte-level BPE for a scratch model."""
+import os
+import shutil
 import sys
 
 from CONFIG import UserError
@@ -37,4 +39,20 @@ def train_tokenizer(texts, vocab_size):
                             show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS,
                                   pad_token=EOS, model_max_length=sys.maxsize, clean_up_tokenization_spaces=False)
+    return tok
+
+
+def cached_bpe(files, vocab_size, cache_dir):
+    """train_tokenizer on the files, saved under cache_dir and reused while the files are unchanged."""
+    from transformers import AutoTokenizer
+    from DATA import fingerprint, iter_texts, log
+    path = os.path.join(cache_dir, f"bpe-{fingerprint(files, 'bpe', vocab_size)}")
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        log(f"reusing the BPE tokenizer in {path}")
+        return with_pad(AutoTokenizer.from_pretrained(path))
+    log(f"training a byte-level BPE tokenizer ({vocab_size} tokens) on {files}")
+    tok = train_tokenizer(iter_texts(files), vocab_size)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path) if not os.path.exists(path) else shutil.rmtree(tmp)
     return tok

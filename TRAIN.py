@@ -37,12 +37,13 @@ def param_groups(model, weight_decay):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def setup(cfg):
-    """Tokenizer, model and tokenized samples for a fresh or resumed run."""
+def setup(cfg, rank0_first):
+    """Tokenizer, model and tokenized data for a fresh or resumed run. rank0_first(fn) runs fn on rank 0
+    before the other ranks, so caches are written once and then read."""
     import torch
-    from DATA import check_files, iter_texts, tokenize
+    from DATA import check_files, load
     from MODEL import build_model, check_source, context_length, load_pretrained, pick_device
-    from TOKENIZER import load_tokenizer, train_tokenizer
+    from TOKENIZER import cached_bpe, load_tokenizer
     m, t = cfg.model, cfg.training
     check_files(cfg.data.files)
     device = pick_device(m.device)
@@ -56,14 +57,37 @@ def setup(cfg):
         if cfg.tokenizer.name or not m.from_scratch:
             tokenizer = load_tokenizer(cfg.tokenizer.name or m.name, m.trust_remote_code)
         else:
-            log(f"training a byte-level BPE tokenizer ({cfg.tokenizer.vocab_size} tokens) on {cfg.data.files}")
-            tokenizer = train_tokenizer(iter_texts(cfg.data.files), cfg.tokenizer.vocab_size)
+            tokenizer = rank0_first(lambda: cached_bpe(cfg.data.files, cfg.tokenizer.vocab_size, cfg.data.cache_dir))
         model = build_model(m, tokenizer, device, t.seed)
     if t.max_length > context_length(model.config):
         raise UserError(f"training.max_length: {t.max_length} is above the model's context of "
                         f"{context_length(model.config)} tokens - lower --max-length")
-    samples = tokenize(cfg.data.files, tokenizer, t.max_length)
-    return device, tokenizer, model, samples, resume
+    data = rank0_first(lambda: load(cfg.data, tokenizer, t.max_length))
+    return device, tokenizer, model, data, resume
+
+
+def validate(model, tokens, spans, batch_size, pad_id, device, autocast, rank, world):
+    """Validation loss exp-able to perplexity: Σ NLL / Σ target tokens over the whole set (not a mean of
+    batch means), in float64. Ranks score disjoint batches and sum; every rank runs the same number of
+    forward passes (FSDP gathers parameters in each), an empty share scoring a dummy with weight 0."""
+    import torch
+    import torch.distributed as dist
+    from DATA import collate, count_targets, gather
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (Σ NLL, Σ targets)
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(spans), batch_size * world):
+            mine = list(range(start + rank * batch_size, min(start + (rank + 1) * batch_size, len(spans))))
+            batch = collate(gather(tokens, spans, mine or [0]), pad_id)
+            n = count_targets(batch) if mine else 0
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:  # num_items_in_batch=1: the loss is the sum of the token NLLs
+                nll = model(**batch, num_items_in_batch=torch.tensor(1, device=device)).loss
+            sums += torch.stack([nll.double() * bool(mine), torch.tensor(n, dtype=torch.float64, device=device)])
+    model.train()
+    if world > 1:
+        dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
 
 
 def shard(model):
@@ -93,7 +117,7 @@ def train(cfg):
     import torch.distributed as dist
     import transformers
     from tqdm import tqdm
-    from DATA import collate, sample_indices
+    from DATA import collate, gather, sample_indices
     from MODEL import pick_dtype
     t, out = cfg.training, cfg.output.dir
     transformers.utils.logging.disable_progress_bar()  # our own bar is the one progress line
@@ -104,7 +128,12 @@ def train(cfg):
         prepare_out_dir(cfg)
     barrier()
     torch.manual_seed(t.seed)
-    device, tokenizer, raw_model, samples, resume = setup(cfg)
+
+    def rank0_first(fn):
+        result = fn() if master else None
+        barrier()
+        return result if master else fn()
+    device, tokenizer, raw_model, (tokens, spans, val_tokens, val_spans), resume = setup(cfg, rank0_first)
     device = f"cuda:{local_rank}" if device == "cuda" and world > 1 else device
     raw_model.to(device)
     if t.fsdp and world == 1:
@@ -127,10 +156,11 @@ def train(cfg):
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
     optimizer = torch.optim.AdamW(param_groups(raw_model, t.weight_decay), lr=t.learning_rate,
                                   betas=(t.beta1, t.beta2), fused=device_type == "cuda")
-    step, position, bad_steps = 0, 0, 0
+    step, position, bad_steps, best_val = 0, 0, 0, float("inf")
     if resume:
         state = load_state(resume, optimizer, scaler, rank, world, model if t.fsdp else None)
         step, position, bad_steps = state["step"], state["position"], state["bad_steps"]
+        best_val = state.get("best_val", float("inf"))
         log(f"resumed from {resume} at step {step}")
         if master:
             trim_metrics(os.path.join(out, "metrics.jsonl"), step)
@@ -138,16 +168,16 @@ def train(cfg):
         torch.manual_seed(t.seed + rank)  # dropout masks differ between ranks
 
     global_batch = t.batch_size * t.grad_accum * world
-    total_steps = t.max_steps or math.ceil(t.epochs * len(samples) / global_batch)
+    total_steps = t.max_steps or math.ceil(t.epochs * len(spans) / global_batch)
     n_params = sum(p.numel() for p in raw_model.parameters())
-    log(f"{n_params / 1e6:.2f}M parameters | {len(samples)} samples | global batch {global_batch} = {t.batch_size} "
+    log(f"{n_params / 1e6:.2f}M parameters | {len(spans)} sequences | global batch {global_batch} = {t.batch_size} "
         f"x {t.grad_accum} accum x {world} ranks | {total_steps} steps | {device} {str(ptdtype)[6:]}")
     if master:
         with open(os.path.join(out, CONFIG_FILE), "w") as fh:
             fh.write(CONFIG.dump(cfg))
     metrics = open(os.path.join(out, "metrics.jsonl"), "a") if master else None
 
-    def gather():
+    def gather_state():
         """(full model state dict, optimizer state) on every rank for FSDP; (None, local state) otherwise."""
         if not t.fsdp:
             return None, optimizer.state_dict()
@@ -157,16 +187,17 @@ def train(cfg):
             weights.pop(tied, None)
         return weights, full_optimizer_state(model, optimizer)
 
-    def checkpoint(step):
-        weights, optim_state = gather()
+    def checkpoint(step, name=None):
+        weights, optim_state = gather_state()
         rng = [torch.get_rng_state()]
         if world > 1:  # every rank's dropout RNG, so a resume on as many ranks continues exactly
             rng = [torch.empty_like(rng[0]) for _ in range(world)]
             dist.all_gather(rng, torch.get_rng_state().to(device) if device_type == "cuda" else torch.get_rng_state())
             rng = [r.cpu() for r in rng]
-        path = os.path.join(out, f"ckpt-step-{step}")
+        path = os.path.join(out, name or f"ckpt-step-{step}")
         if master:
-            state = {"step": step, "position": position, "bad_steps": bad_steps, "optimizer": optim_state,
+            state = {"step": step, "position": position, "bad_steps": bad_steps, "best_val": best_val,
+                     "optimizer": optim_state,
                      "scaler": scaler.state_dict(), "rng_cpu": rng,
                      "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
             write_model_dir(path, raw_model, tokenizer, cfg, state, weights)
@@ -189,17 +220,17 @@ def train(cfg):
 
     model.train()
     bar = tqdm(total=total_steps, initial=step, file=sys.stderr, dynamic_ncols=True, disable=None if master else True)
-    t0, tokens, loss_sum, logged = time.perf_counter(), 0, torch.zeros((), device=device), 0
+    t0, n_tokens, loss_sum, logged = time.perf_counter(), 0, torch.zeros((), device=device), 0
     while step < total_steps:
         lr = lr_at(step, t, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = sample_indices(position, global_batch, len(samples), t.seed)  # the global batch, same on all ranks
+        idx = sample_indices(position, global_batch, len(spans), t.seed)  # the global batch, same on all ranks
+        lengths = spans[idx, 1] - spans[idx, 0]
         # normalise by the target tokens of the whole global batch (every rank can count them, no all-reduce),
         # so accumulation and ranks == one big batch. DDP averages gradients over ranks: undo that with / world.
-        n_targets = max(1, sum(len(samples[i]) - 1 for i in idx))
-        tokens += sum(len(samples[i]) for i in idx)
-        micro = [collate([samples[i] for i in idx[(m * world + rank) * t.batch_size:][:t.batch_size]],
+        n_targets, n_tokens = max(1, int(lengths.sum()) - len(idx)), n_tokens + int(lengths.sum())
+        micro = [collate(gather(tokens, spans, idx[(m * world + rank) * t.batch_size:][:t.batch_size]),
                          tokenizer.pad_token_id) for m in range(t.grad_accum)]  # this rank's share of each micro-step
         for m, batch in enumerate(micro):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -232,14 +263,25 @@ def train(cfg):
                 dist.all_reduce(loss_sum)  # each rank holds its share of the mean token loss
             dt = time.perf_counter() - t0
             row = {"step": step, "loss": loss_sum.item() / logged / world, "lr": lr, "grad_norm": norm.item(),
-                   "tokens_per_s": tokens / dt, "skipped_steps": bad_steps}
+                   "tokens_per_s": n_tokens / dt, "skipped_steps": bad_steps}
             if master:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if bar.disable and master:  # no terminal (a log file, CI): a plain line instead of the progress bar
                 log(f"step {step}/{total_steps} loss {row['loss']:.4f} lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s")
-            t0, tokens, loss_sum, logged = time.perf_counter(), 0, torch.zeros((), device=device), 0
+            t0, n_tokens, loss_sum, logged = time.perf_counter(), 0, torch.zeros((), device=device), 0
+        if val_spans is not None and ((t.eval_every and step % t.eval_every == 0) or last):
+            val = validate(raw_model if world > 1 and not t.fsdp else model, val_tokens, val_spans, t.batch_size,
+                           tokenizer.pad_token_id, device, autocast, rank, world)
+            row = {"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 700))}
+            if master:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                bar.write(f"step {step}: validation loss {val:.4f}, perplexity {row['val_ppl']:.2f}", file=sys.stderr)
+            if t.save_best and val < best_val:
+                best_val = val
+                checkpoint(step, "ckpt-best")
         if bad_steps >= t.max_bad_steps:
             path = checkpoint(step)
             raise UserError(f"{bad_steps} optimizer steps in a row had non-finite gradients and were skipped; the "
@@ -251,7 +293,7 @@ def train(cfg):
                     f"--resume auto")
                 sys.exit(128 + stop[0])
     bar.close()
-    weights, _ = gather()
+    weights, _ = gather_state()
     if master:
         metrics.close()
         save_final(out, raw_model, tokenizer, cfg, weights)
