@@ -4,6 +4,7 @@ the seeded sample order, and collating samples into padded batches.
 .txt   one sample per non-empty line
 .jsonl one JSON object per line with a string field "text"
 """
+import functools
 import hashlib
 import itertools
 import json
@@ -177,6 +178,11 @@ def load(dcfg, tokenizer, max_length):
     return tokens, train, val_tokens, val
 
 
+@functools.lru_cache(maxsize=2)  # a pure function of its arguments; one epoch's order is reused by every step
+def epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 def sample_indices(start, count, n, seed):
     """Sample indices at global positions [start, start+count) of the endless stream of seeded epochs.
 
@@ -186,7 +192,7 @@ def sample_indices(start, count, n, seed):
     out, p = [], start
     while p < start + count:
         epoch, i = divmod(p, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = epoch_order(n, seed, epoch)
         take = min(n - i, start + count - p)
         out += order[i:i + take].tolist()
         p += take
