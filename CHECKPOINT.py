@@ -39,7 +39,7 @@ def write_model_dir(path, model, tokenizer, cfg, state=None, state_dict=None):
     tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{os.path.basename(path)}-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
             fh.write(CONFIG.dump(cfg))
@@ -73,7 +73,8 @@ def prepare_out_dir(cfg):
         if name.startswith(".tmp-") or ".old-" in name:
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
             log(f"removed incomplete checkpoint {os.path.join(out, name)} left by an interrupted run")
-    previous = [p for _, p in checkpoints(out)] + [p for p in ("model.safetensors",) if os.path.exists(os.path.join(out, p))]
+    previous = [p for _, p in checkpoints(out)] + [p for p in ("model.safetensors", "adapter_model.safetensors")
+                                                   if os.path.exists(os.path.join(out, p))]
     if cfg.training.resume is None and previous:
         if not cfg.output.overwrite:
             raise UserError(f"{out}: already holds a training run ({', '.join(os.path.basename(p) for p in previous)})"

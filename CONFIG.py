@@ -39,6 +39,8 @@ class ModelCfg:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
         "sdpa", "attention kernel (flash_attention_2 needs CUDA and the flash-attn package)")
     trust_remote_code: bool = opt(False, "allow a model directory or hub repo to run its own Python code")
+    base_model: Optional[str] = opt(None, "for a LoRA adapter directory: the base model (default: the one named "
+                                    "in its adapter_config.json)")
 
 
 @dataclass
@@ -58,6 +60,21 @@ class DataCfg:
     val_fraction: float = opt(0.0, "hold out this fraction of the documents (the last ones) for validation",
                               min=0, at_most=0.5)
     cache_dir: str = opt("data/.cache", "where tokenized data is cached (memory-mapped, reused across runs)")
+
+
+@dataclass
+class LoraCfg:
+    enabled: bool = opt(False, "train LoRA adapters (peft) instead of all weights", flag="--lora")
+    r: int = opt(8, "LoRA rank", flag="--lora-r", min=1)
+    alpha: float = opt(16.0, "LoRA scaling alpha (the update is scaled by alpha / r)", flag="--lora-alpha", above=0)
+    dropout: float = opt(0.05, "dropout on the LoRA input", flag="--lora-dropout", min=0, at_most=1)
+    target_modules: list = opt([], "modules to adapt; default: attention and MLP projections of gpt2 / llama / "
+                               "mistral / qwen, else all-linear", flag="--lora-target-modules")
+    bias: Literal["none", "all", "lora_only"] = opt("none", "which biases to train", flag="--lora-bias")
+    qlora: bool = opt(False, "load the base in 4-bit NF4 (bitsandbytes, CUDA only) and train LoRA on it",
+                      flag="--qlora")
+    merge: bool = opt(False, "after training also write OUT/merged: base + adapter as one plain model",
+                      flag="--merge")
 
 
 @dataclass
@@ -125,13 +142,14 @@ class Config:
     model: ModelCfg = field(default_factory=ModelCfg)
     tokenizer: TokenizerCfg = field(default_factory=TokenizerCfg)
     data: DataCfg = field(default_factory=DataCfg)
+    lora: LoraCfg = field(default_factory=LoraCfg)
     training: TrainingCfg = field(default_factory=TrainingCfg)
     output: OutputCfg = field(default_factory=OutputCfg)
     infer: InferCfg = field(default_factory=InferCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
 
 
-TRAIN_SECTIONS = ("model", "tokenizer", "data", "training", "output")
+TRAIN_SECTIONS = ("model", "tokenizer", "data", "lora", "training", "output")
 INFER_SECTIONS = ("model", "infer")
 EVAL_SECTIONS = ("model", "data", "eval")
 

@@ -157,7 +157,8 @@ def main(argv):
     from TOKENIZER import load_tokenizer
     device = pick_device(cfg.model.device)
     dtype = {"auto": torch.float32, **DTYPES}[cfg.model.dtype]
-    model = load_pretrained(cfg.model.name, dtype, attn_implementation=cfg.model.attn_implementation,
+    model = load_pretrained(cfg.model.name, dtype, base_model=cfg.model.base_model,
+                            attn_implementation=cfg.model.attn_implementation,
                             trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     window = e.window or context_length(model.config)

@@ -100,7 +100,8 @@ def main(argv):
     device = pick_device(cfg.model.device)
     dtype = {"auto": torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32,
              **DTYPES}[cfg.model.dtype]
-    model = load_pretrained(cfg.model.name, dtype, attn_implementation=cfg.model.attn_implementation,
+    model = load_pretrained(cfg.model.name, dtype, base_model=cfg.model.base_model,
+                            attn_implementation=cfg.model.attn_implementation,
                             trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     context, warned = context_length(model.config), []

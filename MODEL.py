@@ -1,6 +1,7 @@
 """How models are built: a local Hugging Face directory, a hub id, or a fresh model from scratch;
 plus the choice of device and precision. Nothing here trains or generates."""
 import importlib.util
+import json
 import os
 import socket
 import threading
@@ -68,7 +69,7 @@ def hub_reachable(timeout=3.0):
 def check_source(name, what="model"):
     """Fail fast, in one line, when `name` is neither a usable local directory nor a reachable hub id."""
     if os.path.isdir(name):
-        if not os.path.exists(os.path.join(name, "config.json" if what == "model" else ".")):
+        if what == "model" and not any(os.path.exists(os.path.join(name, f)) for f in ("config.json", ADAPTER)):
             raise UserError(f"{name}: is not a model directory (no config.json) - pass a directory written by "
                             "TRAIN.py or save_pretrained, or a hub id")
         return
@@ -83,13 +84,26 @@ def check_source(name, what="model"):
                         "pass a local model directory, or train from scratch with --model gpt2 --from-scratch")
 
 
-def build_model(mcfg, tokenizer, device, seed):
-    """The model to train, with fp32 master weights (autocast does the low-precision math)."""
+ADAPTER = "adapter_config.json"
+# LoRA's default targets: the attention and MLP projections, by architecture family
+LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
+                **{family: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                   for family in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")}}
+
+
+def build_model(mcfg, lcfg, tokenizer, device, seed):
+    """The model to train, with fp32 master weights (autocast does the low-precision math); LoRA adapters
+    on a pretrained base when lcfg.enabled."""
     from transformers import AutoConfig, AutoModelForCausalLM, CONFIG_MAPPING
     check_attention(mcfg.attn_implementation, device)
     kw = dict(attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code)
+    if (lcfg.enabled or lcfg.qlora) and mcfg.from_scratch:
+        raise UserError("--lora adapts a pretrained model - pass --model DIR or a hub id without --from-scratch")
     if not mcfg.from_scratch:
-        return load_pretrained(mcfg.name, torch.float32, **kw).to(device)
+        q = quantization(lcfg, device)
+        model = load_pretrained(mcfg.name, torch.float32, quantization_config=q, **kw)
+        model = model if q else model.to(device)  # a 4-bit model is placed on the GPU as it loads
+        return add_lora(model, lcfg, mcfg.name) if lcfg.enabled or lcfg.qlora else model
     if os.path.isdir(mcfg.name):
         config = AutoConfig.from_pretrained(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
     elif mcfg.name in CONFIG_MAPPING:
@@ -115,15 +129,63 @@ def build_model(mcfg, tokenizer, device, seed):
     return model.to(device)
 
 
-def load_pretrained(path, dtype, **kw):
-    """AutoModelForCausalLM.from_pretrained with one-line errors for missing, foreign or corrupt files."""
+def quantization(lcfg, device):
+    """QLoRA's 4-bit NF4 base (double quantisation, bf16 compute), or None."""
+    if not lcfg.qlora:
+        return None
+    if device != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--qlora needs a CUDA GPU and `pip install bitsandbytes` (4-bit NF4 base) - "
+                        "--lora works here, on any device")
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def peft():
+    try:
+        import peft
+    except ImportError:
+        raise UserError("LoRA needs the peft package - pip install peft")
+    return peft
+
+
+def add_lora(model, lcfg, base):
+    """peft's LoraConfig + get_peft_model; only the adapter parameters are trainable."""
+    p = peft()
+    if lcfg.qlora:
+        model = p.prepare_model_for_kbit_training(model)
+    targets = lcfg.target_modules or LORA_TARGETS.get(model.config.model_type, "all-linear")
+    config = p.LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, bias=lcfg.bias,
+                          target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
+    try:
+        model = p.get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(f"lora.target_modules: {targets} ({str(e).splitlines()[0][:160]}) - name modules of "
+                        f"{model.config.model_type}, or all-linear")
+    # name the base so the adapter directory loads on its own (INFER.py, EVAL.py, peft)
+    model.peft_config["default"].base_model_name_or_path = os.path.abspath(base) if os.path.isdir(base) else base
+    return model
+
+
+def load_pretrained(path, dtype, base_model=None, trainable=False, **kw):
+    """AutoModelForCausalLM.from_pretrained with one-line errors for missing, foreign or corrupt files.
+    A LoRA adapter directory loads its base (from adapter_config.json, or base_model) plus the adapter."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
     check_source(path)
+    if os.path.exists(os.path.join(path, ADAPTER)):
+        base = base_model or json.load(open(os.path.join(path, ADAPTER))).get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"{path}/{ADAPTER}: names no base model - pass --base-model DIR")
+        model = load_pretrained(base, dtype, **kw)
+        try:
+            return peft().PeftModel.from_pretrained(model, path, is_trainable=trainable)
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+            raise UserError(f"{path}: could not load the LoRA adapter onto {base} ({str(e).splitlines()[0][:160]})")
     logging.disable_progress_bar()  # no "Loading weights" bar: stderr is for our own messages
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **{k: v for k, v in kw.items() if v is not None})
         model.loss_type = getattr(model, "loss_type", None) or "ForCausalLM"
         return model
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:

@@ -42,7 +42,7 @@ def setup(cfg, rank0_first):
     before the other ranks, so caches are written once and then read."""
     import torch
     from DATA import check_files, load
-    from MODEL import build_model, check_source, context_length, load_pretrained, pick_device
+    from MODEL import build_model, check_source, context_length, load_pretrained, pick_device, quantization
     from TOKENIZER import cached_bpe, load_tokenizer
     m, t = cfg.model, cfg.training
     check_files(cfg.data.files)
@@ -50,7 +50,10 @@ def setup(cfg, rank0_first):
     resume = resume_path(cfg)
     if resume:  # the checkpoint holds the model and tokenizer; model.name is only where it started
         tokenizer = load_tokenizer(resume)
-        model = load_pretrained(resume, torch.float32, attn_implementation=m.attn_implementation).to(device)
+        q = quantization(cfg.lora, device)
+        model = load_pretrained(resume, torch.float32, trainable=True, attn_implementation=m.attn_implementation,
+                                quantization_config=q)  # an adapter checkpoint brings back its base + adapter
+        model = model if q else model.to(device)
     else:
         if not m.from_scratch:
             check_source(m.name)
@@ -58,7 +61,7 @@ def setup(cfg, rank0_first):
             tokenizer = load_tokenizer(cfg.tokenizer.name or m.name, m.trust_remote_code)
         else:
             tokenizer = rank0_first(lambda: cached_bpe(cfg.data.files, cfg.tokenizer.vocab_size, cfg.data.cache_dir))
-        model = build_model(m, tokenizer, device, t.seed)
+        model = build_model(m, cfg.lora, tokenizer, device, t.seed)
     if t.max_length > context_length(model.config):
         raise UserError(f"training.max_length: {t.max_length} is above the model's context of "
                         f"{context_length(model.config)} tokens - lower --max-length")
@@ -136,6 +139,8 @@ def train(cfg):
     device, tokenizer, raw_model, (tokens, spans, val_tokens, val_spans), resume = setup(cfg, rank0_first)
     device = f"cuda:{local_rank}" if device == "cuda" and world > 1 else device
     raw_model.to(device)
+    if t.fsdp and (cfg.lora.enabled or cfg.lora.qlora):
+        raise UserError("--fsdp with --lora is not supported - LoRA state is small: use plain torchrun (DDP)")
     if t.fsdp and world == 1:
         raise UserError("--fsdp shards the model over processes - launch with torchrun --nproc_per_node N TRAIN.py …")
     if t.fsdp:
@@ -170,7 +175,8 @@ def train(cfg):
     global_batch = t.batch_size * t.grad_accum * world
     total_steps = t.max_steps or math.ceil(t.epochs * len(spans) / global_batch)
     n_params = sum(p.numel() for p in raw_model.parameters())
-    log(f"{n_params / 1e6:.2f}M parameters | {len(spans)} sequences | global batch {global_batch} = {t.batch_size} "
+    n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | {len(spans)} sequences | global batch {global_batch} = {t.batch_size} "
         f"x {t.grad_accum} accum x {world} ranks | {total_steps} steps | {device} {str(ptdtype)[6:]}")
     if master:
         with open(os.path.join(out, CONFIG_FILE), "w") as fh:
@@ -297,6 +303,9 @@ def train(cfg):
     if master:
         metrics.close()
         save_final(out, raw_model, tokenizer, cfg, weights)
+        if cfg.lora.merge and hasattr(raw_model, "merge_and_unload"):  # base + adapter as one plain model
+            write_model_dir(os.path.join(out, "merged"), raw_model.merge_and_unload(), tokenizer, cfg)
+            log(f"merged model (no peft needed) in {out}/merged")
         try:
             from EVAL import plot_metrics
             log(f"loss curve: {plot_metrics(out)}")
