@@ -127,6 +127,10 @@ def train(cfg):
     rank, world, local_rank = init_distributed()
     master = rank == 0  # only rank 0 logs, writes metrics and checkpoints
     barrier = dist.barrier if world > 1 else (lambda: None)
+    if t.fsdp and (cfg.lora.enabled or cfg.lora.qlora):
+        raise UserError("--fsdp with --lora is not supported - LoRA state is small: use plain torchrun (DDP)")
+    if t.fsdp and world == 1:
+        raise UserError("--fsdp shards the model over processes - launch with torchrun --nproc_per_node N TRAIN.py …")
     if master:
         prepare_out_dir(cfg)
     barrier()
@@ -138,11 +142,8 @@ def train(cfg):
         return result if master else fn()
     device, tokenizer, raw_model, (tokens, spans, val_tokens, val_spans), resume = setup(cfg, rank0_first)
     device = f"cuda:{local_rank}" if device == "cuda" and world > 1 else device
-    raw_model.to(device)
-    if t.fsdp and (cfg.lora.enabled or cfg.lora.qlora):
-        raise UserError("--fsdp with --lora is not supported - LoRA state is small: use plain torchrun (DDP)")
-    if t.fsdp and world == 1:
-        raise UserError("--fsdp shards the model over processes - launch with torchrun --nproc_per_node N TRAIN.py …")
+    if getattr(raw_model, "hf_quantizer", None) is None:  # a 4-bit QLoRA base is already on its GPU
+        raw_model.to(device)
     if t.fsdp:
         model = raw_model = shard(raw_model)  # in place: parameters become DTensor shards
     elif world > 1:
@@ -169,7 +170,7 @@ def train(cfg):
         log(f"resumed from {resume} at step {step}")
         if master:
             trim_metrics(os.path.join(out, "metrics.jsonl"), step)
-    if not resume:
+    else:
         torch.manual_seed(t.seed + rank)  # dropout masks differ between ranks
 
     global_batch = t.batch_size * t.grad_accum * world

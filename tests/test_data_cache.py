@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from CONFIG import DataCfg
 from DATA import load, spans, token_cache
-from conftest import run, train
+from conftest import train
 
 
 @pytest.fixture(scope="module")
