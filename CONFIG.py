@@ -101,6 +101,8 @@ class TrainingCfg:
                           min=0)
     save_best: bool = opt(False, "keep the checkpoint with the lowest validation loss in OUT/ckpt-best")
     fsdp: bool = opt(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard)")
+    compile: bool = opt(False, "torch.compile the model (falls back to eager, with a warning, where it cannot)")
+    grad_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, more time")
 
 
 @dataclass

@@ -103,6 +103,15 @@ def shard(model):
     return fully_shard(model)
 
 
+def compile_model(model):
+    """torch.compile; where it cannot compile (no C++ compiler, an unsupported op) dynamo falls back to eager
+    with a warning instead of failing the run."""
+    import torch
+    import torch._dynamo
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(model)
+
+
 def init_distributed():
     """(rank, world_size, local_rank) from the environment torchrun sets; (0, 1, 0) for plain `python TRAIN.py`."""
     if "RANK" not in os.environ:
@@ -144,15 +153,19 @@ def train(cfg):
     device = f"cuda:{local_rank}" if device == "cuda" and world > 1 else device
     if getattr(raw_model, "hf_quantizer", None) is None:  # a 4-bit QLoRA base is already on its GPU
         raw_model.to(device)
+    if t.grad_checkpointing:
+        raw_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled = compile_model(raw_model) if t.compile else raw_model  # checkpoints always save raw_model
     if t.fsdp:
-        model = raw_model = shard(raw_model)  # in place: parameters become DTensor shards
+        shard(raw_model)  # in place: parameters become DTensor shards
+        model = compiled
     elif world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[local_rank] if "cuda" in device
+        model = torch.nn.parallel.DistributedDataParallel(compiled, device_ids=[local_rank] if "cuda" in device
                                                           else None)
     else:
-        model = raw_model
+        model = compiled
     # gradient all-reduce only on the last micro-step of an optimizer step
-    sync_grads = model.set_requires_gradient_sync if t.fsdp else (
+    sync_grads = raw_model.set_requires_gradient_sync if t.fsdp else (
         lambda on: setattr(model, "require_backward_grad_sync", on))
 
     # precision: autocast does the low-precision math over fp32 weights; the scaler is a no-op unless fp16
@@ -164,7 +177,7 @@ def train(cfg):
                                   betas=(t.beta1, t.beta2), fused=device_type == "cuda")
     step, position, bad_steps, best_val = 0, 0, 0, float("inf")
     if resume:
-        state = load_state(resume, optimizer, scaler, rank, world, model if t.fsdp else None)
+        state = load_state(resume, optimizer, scaler, rank, world, raw_model if t.fsdp else None)
         step, position, bad_steps = state["step"], state["position"], state["bad_steps"]
         best_val = state.get("best_val", float("inf"))
         log(f"resumed from {resume} at step {step}")
@@ -189,10 +202,10 @@ def train(cfg):
         if not t.fsdp:
             return None, optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        weights = get_model_state_dict(model, options=StateDictOptions(**FULL))  # rank 0 gets it, others {}
+        weights = get_model_state_dict(raw_model, options=StateDictOptions(**FULL))  # rank 0 gets it, others {}
         for tied in getattr(raw_model, "all_tied_weights_keys", None) or {}:  # as save_pretrained: one copy
             weights.pop(tied, None)
-        return weights, full_optimizer_state(model, optimizer)
+        return weights, full_optimizer_state(raw_model, optimizer)
 
     def checkpoint(step, name=None):
         weights, optim_state = gather_state()

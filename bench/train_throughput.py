@@ -32,7 +32,8 @@ from DATA import gather, spans, token_cache
 tok_dir, arch, steps, dtype, work = sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
 tok = AutoTokenizer.from_pretrained(tok_dir)
 tokens, ends = token_cache(["data/train.txt", "data/train.jsonl"], tok, work + "/cache")
-blocks = [b for b in gather(tokens, spans(ends, 0, len(ends), %d, True), range(len(ends))) if len(b) == %d]
+packed = spans(ends, 0, len(ends), %d, True)
+blocks = [b for b in gather(tokens, packed, range(len(packed))) if len(b) == %d]
 torch.manual_seed(0)
 config = AutoConfig.for_model("gpt2", n_positions=%d, vocab_size=len(tok), **arch)
 model = AutoModelForCausalLM.from_config(config)

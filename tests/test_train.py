@@ -154,3 +154,23 @@ def test_seed_command_fine_tunes_a_local_model_directory(tmp_path, trained):
         assert AutoModelForCausalLM.from_pretrained(path).config.n_embd == 32  # the local model, not scratch
         g = run("INFER.py", "--model", path, "--prompt", "Once upon a time", "--max-new-tokens", "5")
         assert g.returncode == 0 and g.stdout.strip(), g.stderr
+
+
+def test_compile_trains_the_same_and_saves_plain_checkpoints(tmp_path):
+    """torch.compile: same weights as eager (to float rounding; no dropout, whose compiled RNG differs),
+    checkpoints without the _orig_mod. prefix, loadable without compile."""
+    no_dropout = ["--config-overrides", "{n_layer: 2, n_head: 2, n_embd: 32, n_positions: 128, resid_pdrop: 0, "
+                  "embd_pdrop: 0, attn_pdrop: 0}", "--max-steps", "3"]
+    train(tmp_path / "eager", *no_dropout)
+    r = train(tmp_path / "compiled", *no_dropout, "--compile")
+    eager, compiled = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    assert compiled.keys() == eager.keys() and not [k for k in compiled if "_orig_mod" in k], r.stderr
+    for k, v in compiled.items():
+        torch.testing.assert_close(v, eager[k], rtol=1e-4, atol=1e-5)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "compiled")
+
+
+def test_grad_checkpointing_gives_the_same_weights(tmp_path, trained):
+    train(tmp_path / "ckpt", "--grad-checkpointing")
+    for k, v in weights(tmp_path / "ckpt").items():
+        torch.testing.assert_close(v, weights(trained)[k], rtol=1e-5, atol=1e-6)
