@@ -1,10 +1,12 @@
 """CONFIG.py: one schema drives YAML keys, flags, defaults, validation and the saved copy."""
+import os
+
 import pytest
 import yaml
 
 import CONFIG
 from CONFIG import UserError, load
-from conftest import run
+from conftest import ROOT, run
 
 
 def write(tmp_path, text):
@@ -111,3 +113,11 @@ def test_unknown_flag_is_one_line_exit_2_no_traceback():
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert "did you mean '--learning-rate'" in r.stderr
+
+
+def test_readme_documents_every_flag():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    sections = set(CONFIG.TRAIN_SECTIONS + CONFIG.INFER_SECTIONS + CONFIG.EVAL_SECTIONS)
+    missing = [CONFIG.flag_of(s, f) for s, f, _ in CONFIG.leaves(sorted(sections))
+               if f"`{CONFIG.flag_of(s, f)}" not in readme]
+    assert not missing
