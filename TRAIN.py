@@ -7,6 +7,7 @@
 Checkpoints go to OUT/ckpt-step-N/ (a save_pretrained directory plus training_state.pt), the final
 model to OUT/. Logs and progress go to stderr, metrics to OUT/metrics.jsonl.
 """
+import gc
 import json
 import math
 import os
@@ -327,13 +328,18 @@ def train(cfg):
             log(f"no loss curve: {e}")
         log(f"done: model in {out}/ - try: python INFER.py --model {out} --prompt \"...\"")
     barrier()
-    if world > 1:
-        dist.destroy_process_group()
 
 
 def main(argv):
     cfg, _, _ = CONFIG.load(argv, description=__doc__)
     train(cfg)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        # free DDP's reducer (and the gloo work it holds) first: gloo threads that outlive the process
+        # group can abort the interpreter at exit (SIGABRT after a finished run, seen under load)
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def test_seed_command_fine_tunes_a_local_model_directory(tmp_path, trained):
     for path in (out, *ckpts):
         assert AutoModelForCausalLM.from_pretrained(path).config.n_embd == 32  # the local model, not scratch
         g = run("INFER.py", "--model", path, "--prompt", "Once upon a time", "--max-new-tokens", "5")
-        assert g.returncode == 0 and g.stdout.strip(), g.stderr
+        assert g.returncode == 0 and g.stdout.endswith("\n"), g.stderr  # a barely trained model may say little
 
 
 def test_compile_trains_the_same_and_saves_plain_checkpoints(tmp_path):
