@@ -37,6 +37,7 @@ def write_model_dir(path, model, tokenizer, cfg, state=None, state_dict=None):
     """Write a loadable model directory to a temporary sibling, then rename it into place (atomic)."""
     import torch
     tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{os.path.basename(path)}-{os.getpid()}")
+    old = path + f".old-{os.getpid()}"  # a same-named predecessor (ckpt-best), kept until the new one is in place
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
@@ -45,14 +46,16 @@ def write_model_dir(path, model, tokenizer, cfg, state=None, state_dict=None):
             fh.write(CONFIG.dump(cfg))
         if state is not None:
             torch.save(state, os.path.join(tmp, STATE))
-        old = path + f".old-{os.getpid()}"
         if os.path.exists(path):
             os.rename(path, old)
         os.rename(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     except Exception as e:  # OSError from Python, SafetensorError/RuntimeError from the writers' native code
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"{path}: could not write the checkpoint ({getattr(e, 'strerror', None) or e}) - free disk space or fix "
+        if os.path.exists(old) and not os.path.exists(path):
+            os.rename(old, path)
+        reason = getattr(e, "strerror", None) or e
+        raise UserError(f"{path}: could not write the checkpoint ({reason}) - free disk space or fix "
                         "permissions; the previous checkpoint is intact")
 
 
@@ -70,7 +73,10 @@ def prepare_out_dir(cfg):
     out = cfg.output.dir
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(out):
-        if name.startswith(".tmp-") or ".old-" in name:
+        original = os.path.join(out, name.split(".old-")[0])
+        if ".old-" in name and not os.path.exists(original):  # killed between the two renames: put it back
+            os.rename(os.path.join(out, name), original)
+        elif name.startswith(".tmp-") or ".old-" in name:
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
             log(f"removed incomplete checkpoint {os.path.join(out, name)} left by an interrupted run")
     previous = [p for _, p in checkpoints(out)] + [p for p in ("model.safetensors", "adapter_model.safetensors")

@@ -334,7 +334,8 @@ def make_parser(sections, description, config_default):
         key = f"{sec}.{f.name}"
         names = [flag_of(sec, f)] if flat.count(flag_of(sec, f)) == 1 else []
         names.append(f"--{sec}.{f.name.replace('_', '-')}")
-        kw = dict(dest=key, help=f"{f.metadata['help']} [{key}] (default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()})")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = dict(dest=key, help=f"{f.metadata['help']} [{key}] (default: {default})")
         if typ is bool:
             p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
         elif typ is list:  # --data a b --data c gives [a, b, c]

@@ -191,8 +191,9 @@ def train(cfg):
     total_steps = t.max_steps or math.ceil(t.epochs * len(spans) / global_batch)
     n_params = sum(p.numel() for p in raw_model.parameters())
     n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | {len(spans)} sequences | global batch {global_batch} = {t.batch_size} "
-        f"x {t.grad_accum} accum x {world} ranks | {total_steps} steps | {device} {str(ptdtype)[6:]}")
+    log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | {len(spans)} sequences | "
+        f"global batch {global_batch} = {t.batch_size} x {t.grad_accum} accum x {world} ranks | "
+        f"{total_steps} steps | {device} {str(ptdtype)[6:]}")
     if master:
         with open(os.path.join(out, CONFIG_FILE), "w") as fh:
             fh.write(CONFIG.dump(cfg))
@@ -212,14 +213,14 @@ def train(cfg):
         weights, optim_state = gather_state()
         rng = [torch.get_rng_state()]
         if world > 1:  # every rank's dropout RNG, so a resume on as many ranks continues exactly
-            rng = [torch.empty_like(rng[0]) for _ in range(world)]
-            dist.all_gather(rng, torch.get_rng_state().to(device) if device_type == "cuda" else torch.get_rng_state())
+            local = rng[0].to(device)  # NCCL gathers GPU tensors only; on CPU this is a no-op
+            rng = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(rng, local)
             rng = [r.cpu() for r in rng]
         path = os.path.join(out, name or f"ckpt-step-{step}")
         if master:
             state = {"step": step, "position": position, "bad_steps": bad_steps, "best_val": best_val,
-                     "optimizer": optim_state,
-                     "scaler": scaler.state_dict(), "rng_cpu": rng,
+                     "optimizer": optim_state, "scaler": scaler.state_dict(), "rng_cpu": rng,
                      "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
             write_model_dir(path, raw_model, tokenizer, cfg, state, weights)
             for _, old in checkpoints(out)[:-t.keep_last]:
