@@ -140,6 +140,13 @@ class EvalCfg:
 
 
 @dataclass
+class ExportCfg:
+    format: Literal["onnx", "torchscript", "gguf"] = opt("onnx", "what to write (gguf is not implemented yet)")
+    out: Optional[str] = opt(None, "the file to write (default: the model directory + .onnx / .pt)",
+                             flag="--out")
+
+
+@dataclass
 class Config:
     model: ModelCfg = field(default_factory=ModelCfg)
     tokenizer: TokenizerCfg = field(default_factory=TokenizerCfg)
@@ -149,11 +156,13 @@ class Config:
     output: OutputCfg = field(default_factory=OutputCfg)
     infer: InferCfg = field(default_factory=InferCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    export: ExportCfg = field(default_factory=ExportCfg)
 
 
 TRAIN_SECTIONS = ("model", "tokenizer", "data", "lora", "training", "output")
 INFER_SECTIONS = ("model", "infer")
 EVAL_SECTIONS = ("model", "data", "eval")
+EXPORT_SECTIONS = ("model", "export")
 
 
 class UserError(Exception):

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt pytest matplotlib peft
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt pytest matplotlib peft onnx onnxruntime onnxscript
 	touch $@
 
 # --overwrite: a second `make demo` replaces the previous demo run in out/ (TRAIN.py refuses otherwise)

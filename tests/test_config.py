@@ -117,7 +117,7 @@ def test_unknown_flag_is_one_line_exit_2_no_traceback():
 
 def test_readme_documents_every_flag():
     readme = open(os.path.join(ROOT, "README.md")).read()
-    sections = set(CONFIG.TRAIN_SECTIONS + CONFIG.INFER_SECTIONS + CONFIG.EVAL_SECTIONS)
+    sections = set(CONFIG.TRAIN_SECTIONS + CONFIG.INFER_SECTIONS + CONFIG.EVAL_SECTIONS + CONFIG.EXPORT_SECTIONS)
     missing = [CONFIG.flag_of(s, f) for s, f, _ in CONFIG.leaves(sorted(sections))
                if f"`{CONFIG.flag_of(s, f)}" not in readme]
     assert not missing

@@ -1,0 +1,130 @@
+"""Export a trained model for another runtime, and prove the file works there before saying so.
+
+    python EXPORT.py --model out --format onnx --out model.onnx          # checked with onnxruntime
+    python EXPORT.py --model out --format torchscript --out model.pt     # checked with torch.jit.load
+
+The exported program maps (input_ids, attention_mask), both (batch, seq) int64, to logits (batch, seq,
+vocab), with dynamic batch and sequence sizes. A LoRA adapter directory is merged into its base first.
+Every export is verified on several inputs of different lengths, with padding; a failed check is an error.
+GGUF (llama.cpp) is not implemented yet.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import CONFIG
+from CONFIG import UserError
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def need(module, pip_name):
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"this export needs {pip_name} - pip install {pip_name}")
+
+
+def logits_module(model):
+    """The model as a plain (input_ids, attention_mask) -> logits module, without a KV cache."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return Logits(model).eval()
+
+
+def examples(vocab, seed=0):
+    """Inputs of several shapes, each with a right-padded row, so the export is checked on padding too."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for batch, seq in [(2, 7), (1, 3), (3, 19), (2, 33)]:
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        mask = torch.ones_like(ids)
+        mask[-1, seq // 2:] = 0 if batch > 1 else 1
+        out.append((ids, mask))
+    return out
+
+
+def masked_max_diff(a, b, mask):
+    """Largest |a - b| over real (unpadded) positions: logits at padding are not defined."""
+    return float(((a - b).abs().amax(-1) * mask).max())
+
+
+def export_torchscript(module, inputs, path):
+    import torch
+    with torch.no_grad():
+        traced = torch.jit.trace(module, inputs[0], check_trace=False)
+    traced.save(path)
+    # verify in a fresh process, as a user of the file would load it: torch only, no transformers
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.no_grad():
+            torch.save([(i, m, module(i, m)) for i, m in inputs], os.path.join(tmp, "cases.pt"))
+        code = ("import sys, torch\n"
+                "m = torch.jit.load(sys.argv[1])\n"
+                "cases = torch.load(sys.argv[2], weights_only=True)\n"
+                "print(max(float(((m(i, a) - ref).abs().amax(-1) * a).max()) for i, a, ref in cases))")
+        r = subprocess.run([sys.executable, "-c", code, path, os.path.join(tmp, "cases.pt")], capture_output=True,
+                           text=True)
+    if r.returncode:
+        raise UserError(f"{path}: torch.jit.load in a fresh process failed ({r.stderr.strip().splitlines()[-1]})")
+    return float(r.stdout), 1e-5, "torch.jit.load in a fresh process"
+
+
+def export_onnx(module, inputs, path):
+    import torch
+    need("onnxscript", "onnxscript")
+    ort = need("onnxruntime", "onnxruntime")
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    with torch.no_grad():
+        torch.onnx.export(module, inputs[0], path, dynamo=True, input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], verbose=False,
+                          dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    diffs = []
+    for ids, mask in inputs:
+        got = torch.from_numpy(session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+        with torch.no_grad():
+            diffs.append(masked_max_diff(got, module(ids, mask), mask))
+    return max(diffs), 1e-4, "onnxruntime (CPUExecutionProvider)"
+
+
+def main(argv):
+    cfg, flags, _ = CONFIG.load(argv, CONFIG.EXPORT_SECTIONS, description=__doc__, config_default=None)
+    if "model.name" not in flags:
+        raise UserError("--model is required: a directory written by TRAIN.py (e.g. --model out)")
+    e = cfg.export
+    if e.format == "gguf":
+        raise UserError("--format gguf is not implemented yet - use onnx or torchscript")
+    path = e.out or cfg.model.name.rstrip("/") + {"onnx": ".onnx", "torchscript": ".pt"}[e.format]
+
+    import torch
+    from MODEL import load_pretrained
+    model = load_pretrained(cfg.model.name, torch.float32, base_model=cfg.model.base_model,
+                            attn_implementation="eager" if e.format == "torchscript" else cfg.model.attn_implementation,
+                            trust_remote_code=cfg.model.trust_remote_code)
+    if hasattr(model, "merge_and_unload"):  # a LoRA adapter: fold it into the base first
+        model = model.merge_and_unload()
+    module = logits_module(model.eval())
+    inputs = examples(model.config.vocab_size)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    diff, tolerance, how = {"onnx": export_onnx, "torchscript": export_torchscript}[e.format](module, inputs, path)
+    if not diff <= tolerance:
+        raise UserError(f"{path}: verification failed - {how} differs from PyTorch by {diff:.2e} "
+                        f"(allowed {tolerance:.0e}); the file is not trustworthy")
+    log(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB, {e.format}); verified with {how} on "
+        f"{len(inputs)} inputs of different lengths with padding: max |logit difference| {diff:.2e} <= {tolerance:.0e}")
+
+
+if __name__ == "__main__":
+    CONFIG.main_guard(main)
