@@ -9,18 +9,12 @@ import json
 import os
 import re
 import shutil
-import sys
 
 import CONFIG
-from CONFIG import UserError
+from CONFIG import UserError, log
 
 STATE = "training_state.pt"
 CONFIG_FILE = "train_config.yaml"
-
-
-def log(*a):
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
-        print(*a, file=sys.stderr, flush=True)
 
 
 def checkpoints(out_dir):

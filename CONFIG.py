@@ -165,6 +165,12 @@ EVAL_SECTIONS = ("model", "data", "eval")
 EXPORT_SECTIONS = ("model", "export")
 
 
+def log(*a):
+    """Diagnostics to stderr (stdout is for generated text). Under torchrun only rank 0 speaks."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*a, file=sys.stderr, flush=True)
+
+
 class UserError(Exception):
     """A mistake in the user's input: reported as one line on stderr with exit code 2, no traceback."""
 

@@ -10,12 +10,11 @@ import itertools
 import json
 import os
 import shutil
-import sys
 import time
 
 import torch
 
-from CONFIG import UserError
+from CONFIG import UserError, log
 
 SUFFIXES = (".txt", ".jsonl")
 
@@ -70,11 +69,6 @@ def iter_texts(paths):
     for p in paths:
         for _, text in read_texts(p):
             yield text
-
-
-def log(*a):
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
-        print(*a, file=sys.stderr, flush=True)
 
 
 def fingerprint(paths, *extra):

@@ -1,4 +1,5 @@
-"""Measure a model on text: perplexity, NLL per token, bits per byte; per-token dumps; the training plot.
+"""Measure a model on text: perplexity, NLL per token, bits per byte; per-token dumps; the training plot;
+and validate(), the exact validation loss TRAIN.py logs during training.
 
     python EVAL.py --model out --data data/train.txt               # perplexity over the whole data
     python EVAL.py --model out --data long.txt --window 512 --stride 256   # sliding window for long texts
@@ -79,6 +80,30 @@ def evaluate(model, tokenizer, texts, window, stride, batch_size, device, on_doc
     if pending:
         flush()
     return nll, tokens, n_bytes
+
+
+def validate(model, tokens, spans, batch_size, pad_id, device, autocast, rank, world):
+    """Validation loss exp-able to perplexity: Σ NLL / Σ target tokens over the whole set (not a mean of
+    batch means), in float64. Ranks score disjoint batches and sum; every rank runs the same number of
+    forward passes (FSDP gathers parameters in each), an empty share scoring a dummy with weight 0."""
+    import torch
+    import torch.distributed as dist
+    from DATA import collate, count_targets, gather
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (Σ NLL, Σ targets)
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(spans), batch_size * world):
+            mine = list(range(start + rank * batch_size, min(start + (rank + 1) * batch_size, len(spans))))
+            batch = collate(gather(tokens, spans, mine or [0]), pad_id)
+            n = count_targets(batch) if mine else 0
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:  # num_items_in_batch=1: the loss is the sum of the token NLLs
+                nll = model(**batch, num_items_in_batch=torch.tensor(1, device=device)).loss
+            sums += torch.stack([nll.double() * bool(mine), torch.tensor(n, dtype=torch.float64, device=device)])
+    model.train()
+    if world > 1:
+        dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
 
 
 def dumper(path, top_k):

@@ -14,11 +14,7 @@ import sys
 import tempfile
 
 import CONFIG
-from CONFIG import UserError
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
+from CONFIG import UserError, log
 
 
 def need(module, pip_name):

@@ -10,11 +10,7 @@ import json
 import sys
 
 import CONFIG
-from CONFIG import UserError
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
+from CONFIG import UserError, log
 
 
 def read_prompt(stdin):

@@ -45,7 +45,8 @@ def train_tokenizer(texts, vocab_size):
 def cached_bpe(files, vocab_size, cache_dir):
     """train_tokenizer on the files, saved under cache_dir and reused while the files are unchanged."""
     from transformers import AutoTokenizer
-    from DATA import fingerprint, iter_texts, log
+    from CONFIG import log
+    from DATA import fingerprint, iter_texts
     path = os.path.join(cache_dir, f"bpe-{fingerprint(files, 'bpe', vocab_size)}")
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         log(f"reusing the BPE tokenizer in {path}")

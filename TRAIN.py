@@ -17,9 +17,9 @@ import sys
 import time
 
 import CONFIG
-from CHECKPOINT import (CONFIG_FILE, FULL, checkpoints, full_optimizer_state, load_state, log, prepare_out_dir,
+from CHECKPOINT import (CONFIG_FILE, FULL, checkpoints, full_optimizer_state, load_state, prepare_out_dir,
                         resume_path, save_final, trim_metrics, write_model_dir)
-from CONFIG import UserError
+from CONFIG import UserError, log
 
 
 def lr_at(step, t, total_steps):
@@ -70,30 +70,6 @@ def setup(cfg, rank0_first):
     return device, tokenizer, model, data, resume
 
 
-def validate(model, tokens, spans, batch_size, pad_id, device, autocast, rank, world):
-    """Validation loss exp-able to perplexity: Σ NLL / Σ target tokens over the whole set (not a mean of
-    batch means), in float64. Ranks score disjoint batches and sum; every rank runs the same number of
-    forward passes (FSDP gathers parameters in each), an empty share scoring a dummy with weight 0."""
-    import torch
-    import torch.distributed as dist
-    from DATA import collate, count_targets, gather
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (Σ NLL, Σ targets)
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(spans), batch_size * world):
-            mine = list(range(start + rank * batch_size, min(start + (rank + 1) * batch_size, len(spans))))
-            batch = collate(gather(tokens, spans, mine or [0]), pad_id)
-            n = count_targets(batch) if mine else 0
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:  # num_items_in_batch=1: the loss is the sum of the token NLLs
-                nll = model(**batch, num_items_in_batch=torch.tensor(1, device=device)).loss
-            sums += torch.stack([nll.double() * bool(mine), torch.tensor(n, dtype=torch.float64, device=device)])
-    model.train()
-    if world > 1:
-        dist.all_reduce(sums)
-    return (sums[0] / sums[1]).item()
-
-
 def shard(model):
     """FSDP2: shard every transformer block (the classes HF lists in _no_split_modules), then the rest."""
     from torch.distributed.fsdp import fully_shard
@@ -131,6 +107,7 @@ def train(cfg):
     import transformers
     from tqdm import tqdm
     from DATA import collate, gather, sample_indices
+    from EVAL import validate
     from MODEL import pick_dtype
     t, out = cfg.training, cfg.output.dir
     transformers.utils.logging.disable_progress_bar()  # our own bar is the one progress line
