@@ -141,9 +141,12 @@ class EvalCfg:
 
 @dataclass
 class ExportCfg:
-    format: Literal["onnx", "torchscript", "gguf"] = opt("onnx", "what to write (gguf is not implemented yet)")
-    out: Optional[str] = opt(None, "the file to write (default: the model directory + .onnx / .pt)",
+    format: Literal["onnx", "torchscript", "gguf"] = opt("onnx", "what to write: onnx (onnxruntime), torchscript "
+                                                         "(plain torch) or gguf (llama.cpp)")
+    out: Optional[str] = opt(None, "the file to write (default: the model path + .onnx / .pt / .gguf)",
                              flag="--out")
+    quant: Literal["f32", "f16", "q8_0"] = opt("f16", "gguf weight type: f32, f16 (llama.cpp's default) or q8_0; "
+                                               "norms and biases stay f32")
 
 
 @dataclass

@@ -66,8 +66,19 @@ def hub_reachable(timeout=3.0):
     return bool(result)
 
 
+def gguf_file(name):
+    """(directory, file name) when `name` is a .gguf file (transformers dequantises it as it loads), else None."""
+    return (os.path.dirname(name) or ".", os.path.basename(name)) if name.endswith(".gguf") else None
+
+
 def check_source(name, what="model"):
-    """Fail fast, in one line, when `name` is neither a usable local directory nor a reachable hub id."""
+    """Fail fast, in one line, when `name` is neither a usable local directory or .gguf file nor a reachable hub id."""
+    if gguf_file(name):
+        if not os.path.isfile(name):
+            raise UserError(f"{name}: no such GGUF file - check the path")
+        if importlib.util.find_spec("gguf") is None:
+            raise UserError(f"{name}: reading a GGUF file needs the gguf package - pip install gguf")
+        return
     if os.path.isdir(name):
         if what == "model" and not any(os.path.exists(os.path.join(name, f)) for f in ("config.json", ADAPTER)):
             raise UserError(f"{name}: is not a model directory (no config.json) - pass a directory written by "
@@ -171,7 +182,7 @@ def load_pretrained(path, dtype, base_model=None, trainable=False, **kw):
     """AutoModelForCausalLM.from_pretrained with one-line errors for missing, foreign or corrupt files.
     A LoRA adapter directory loads its base (from adapter_config.json, or base_model) plus the adapter."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging
     check_source(path)
     if os.path.exists(os.path.join(path, ADAPTER)):
@@ -184,8 +195,15 @@ def load_pretrained(path, dtype, base_model=None, trainable=False, **kw):
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
             raise UserError(f"{path}: could not load the LoRA adapter onto {base} ({str(e).splitlines()[0][:160]})")
     logging.disable_progress_bar()  # no "Loading weights" bar: stderr is for our own messages
+    kw = {k: v for k, v in kw.items() if v is not None}
+    where = path
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **{k: v for k, v in kw.items() if v is not None})
+        if gguf_file(path):
+            where, kw["gguf_file"] = gguf_file(path)
+            kw["config"] = AutoConfig.from_pretrained(where, gguf_file=kw["gguf_file"])
+            if kw["config"].model_type == "gpt2":  # transformers maps GGUF's context_length to n_ctx, not n_positions
+                kw["config"].n_positions = kw["config"].n_ctx
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
         model.loss_type = getattr(model, "loss_type", None) or "ForCausalLM"
         return model
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
