@@ -263,7 +263,6 @@ def greedy_torch(model, ids, n, eos):
 def verify_gguf(model, tokenizer, path, quant, min_agreement):
     """Read the file back with transformers (weights and tokenizer must be what was written), then, where
     llama-cpp-python is installed, run it in llama.cpp: tokens, greedy continuations, top-1 agreement."""
-    import importlib.util
     import numpy as np
     import torch
     import gguf
@@ -283,10 +282,11 @@ def verify_gguf(model, tokenizer, path, quant, min_agreement):
         raise UserError(f"{path}: verification failed - the embedded tokenizer, read back by transformers, "
                         "splits text differently")
     checks = ["transformers read it back: weights identical to those written, same tokenization"]
-    if importlib.util.find_spec("llama_cpp") is None:
+    try:
+        import llama_cpp
+    except ImportError:
         log("llama.cpp check skipped: pip install llama-cpp-python to run the file in llama.cpp as part of the export")
         return checks
-    import llama_cpp
     n_ctx = min(context_length(model.config), 512)
     llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=os.cpu_count())
     eos, same, agree, total = tokenizer.eos_token_id, 0, 0, 0

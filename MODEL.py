@@ -174,7 +174,7 @@ def add_lora(model, lcfg, base):
         raise UserError(f"lora.target_modules: {targets} ({str(e).splitlines()[0][:160]}) - name modules of "
                         f"{model.config.model_type}, or all-linear")
     # name the base so the adapter directory loads on its own (INFER.py, EVAL.py, peft)
-    model.peft_config["default"].base_model_name_or_path = os.path.abspath(base) if os.path.isdir(base) else base
+    model.peft_config["default"].base_model_name_or_path = os.path.abspath(base) if os.path.exists(base) else base
     return model
 
 
@@ -205,6 +205,9 @@ def load_pretrained(path, dtype, base_model=None, trainable=False, **kw):
                 kw["config"].n_positions = kw["config"].n_ctx
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
         model.loss_type = getattr(model, "loss_type", None) or "ForCausalLM"
+        if "gguf_file" in kw:  # dequantised into plain tensors: save it like any model (a fine-tune from a GGUF)
+            model.hf_quantizer = None
+            model.config.__dict__.pop("quantization_config", None)
         return model
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise UserError(f"{path}: could not load the model ({str(e).splitlines()[0][:200]}) - the files may be "

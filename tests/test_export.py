@@ -1,21 +1,56 @@
 """EXPORT.py: each format is written and verified in its own runtime, for gpt2 and llama architectures."""
+import json
+import os
+import shutil
+
+import numpy as np
 import pytest
+import torch
 
-from conftest import run, train
+from conftest import ROOT, run, train
 
-LLAMA = ["--model", "llama", "--from-scratch", "--max-steps", "1", "--config-overrides",
+# 60 steps give the tiny models real preferences: after 6, most next-token choices are near-ties that any
+# rounding flips, which would measure the tie-breaking, not the export
+TRAINED = ["--max-steps", "60", "--learning-rate", "3e-3", "--save-every", "0", "--eval-every", "0"]
+LLAMA = ["--model", "llama", "--from-scratch", "--config-overrides",
          "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
          "num_key_value_heads: 1, max_position_embeddings: 128}"]
+ARCHS, QUANTS = ["gpt2", "llama"], ["f32", "f16", "q8_0"]
+PROMPTS = ["It is a truth", "The weather", "She said"]
 
 
 @pytest.fixture(scope="module")
-def models(trained, tmp_path_factory):
-    llama = tmp_path_factory.mktemp("llama") / "out"
-    train(llama, *LLAMA)
-    return {"gpt2": trained, "llama": llama}
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    train(root / "gpt2", *TRAINED)
+    train(root / "llama", *TRAINED, *LLAMA)
+    return {"gpt2": root / "gpt2", "llama": root / "llama"}
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.fixture(scope="module")
+def ggufs(models, tmp_path_factory):
+    """Every architecture x weight type, exported once: {(arch, quant): (path, stderr)}."""
+    root, out = tmp_path_factory.mktemp("gguf"), {}
+    for arch in ARCHS:
+        for quant in QUANTS:
+            path = root / f"{arch}-{quant}.gguf"
+            r = run("EXPORT.py", "--model", models[arch], "--format", "gguf", "--quant", quant, "--out", path)
+            assert r.returncode == 0, r.stderr[-3000:]
+            out[arch, quant] = path, r.stderr
+    return out
+
+
+def load(path):
+    from MODEL import load_pretrained
+    return load_pretrained(str(path), torch.float32).eval()
+
+
+def llama_cpp_model(path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_torchscript_is_verified_in_a_fresh_process(models, arch, tmp_path):
     r = run("EXPORT.py", "--model", models[arch], "--format", "torchscript", "--out", tmp_path / "m.pt")
     assert r.returncode == 0, r.stderr
@@ -23,7 +58,7 @@ def test_torchscript_is_verified_in_a_fresh_process(models, arch, tmp_path):
     assert "verified with torch.jit.load in a fresh process" in r.stderr and "<= 1e-05" in r.stderr
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_onnx_is_verified_with_onnxruntime(models, arch, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -32,6 +67,163 @@ def test_onnx_is_verified_with_onnxruntime(models, arch, tmp_path):
     assert "verified with onnxruntime" in r.stderr and "<= 1e-04" in r.stderr
 
 
-def test_gguf_says_it_is_not_implemented(models, tmp_path):
-    r = run("EXPORT.py", "--model", models["gpt2"], "--format", "gguf", "--out", tmp_path / "m.gguf")
-    assert r.returncode == 2 and "not implemented yet" in r.stderr and "Traceback" not in r.stderr
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("quant", QUANTS)
+def test_gguf_export_says_what_it_wrote_and_how_it_was_checked(ggufs, arch, quant):
+    path, stderr = ggufs[arch, quant]
+    assert f"wrote {path} (" in stderr and f"MB, gguf {quant}); verified:" in stderr
+    assert "transformers read it back: weights identical to those written, same tokenization" in stderr
+
+
+def test_gguf_gets_smaller_with_each_weight_type(ggufs):
+    for arch in ARCHS:
+        f32, f16, q8 = (os.path.getsize(ggufs[arch, q][0]) for q in QUANTS)
+        assert f32 > f16 > q8
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gguf_f32_reads_back_in_transformers_bit_for_bit(models, ggufs, arch):
+    original, back = load(models[arch]).state_dict(), load(ggufs[arch, "f32"][0]).state_dict()
+    assert original.keys() == back.keys()
+    for name in original:
+        assert torch.equal(original[name], back[name]), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_gguf_quantised_weights_are_within_one_rounding_step(models, ggufs, arch, quant):
+    original, back = load(models[arch]).state_dict(), load(ggufs[arch, quant][0]).state_dict()
+    changed = 0
+    for name, w in original.items():
+        err = (back[name] - w).abs().max()
+        if w.dim() < 2 or "wpe" in name:  # norms, biases, position embeddings are stored in f32
+            assert err == 0, name
+            continue
+        # f16 keeps 11 significant bits; q8_0 rounds each block of 32 to 1/127 of its largest |value| (half a
+        # step), with that scale itself stored in f16 (up to 127 x 2^-11 of a step more)
+        step = w.abs().max() * (2 ** -11 if quant == "f16" else (0.5 + 127 * 2 ** -11) / 127)
+        assert err <= step * 1.001, (name, float(err), float(step))
+        changed += err > 0
+    assert changed > 0  # the weights really were stored at lower precision
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gguf_embeds_the_tokenizer(models, ggufs, arch):
+    from TOKENIZER import load_tokenizer
+    mine, embedded = load_tokenizer(str(models[arch])), load_tokenizer(str(ggufs[arch, "q8_0"][0]))
+    texts = open(os.path.join(ROOT, "data", "train.txt")).read().splitlines()[:50] + ["x <|endoftext|> y 12345"]
+    assert [embedded(t).input_ids for t in texts] == [mine(t).input_ids for t in texts]
+    assert (embedded.eos_token_id, len(embedded)) == (mine.eos_token_id, len(mine))
+
+
+def test_gguf_model_generates_like_its_source_in_infer(models, ggufs):
+    args = ["--prompt", "It is a truth", "--greedy", "--max-new-tokens", "20"]
+    from_dir, from_gguf = run("INFER.py", "--model", models["llama"], *args), \
+        run("INFER.py", "--model", ggufs["llama", "f32"][0], *args)
+    assert from_gguf.returncode == 0, from_gguf.stderr
+    assert from_gguf.stdout == from_dir.stdout and from_dir.stdout.strip()
+
+
+def test_gguf_model_scores_like_its_source_in_eval(models, ggufs):
+    from_dir = run("EVAL.py", "--model", models["gpt2"], "--data", "data/train.jsonl")
+    from_gguf = run("EVAL.py", "--model", ggufs["gpt2", "f32"][0], "--data", "data/train.jsonl")
+    assert from_gguf.returncode == 0, from_gguf.stderr
+    assert from_gguf.stdout == from_dir.stdout and "perplexity" in from_dir.stdout
+
+
+def test_training_starts_from_a_gguf_and_saves_a_plain_model(ggufs, tmp_path):
+    r = run("TRAIN.py", "--config", "tests/tiny.yaml", "--model", ggufs["llama", "q8_0"][0], "--out", tmp_path / "ft",
+            "--max-steps", "2", "--save-every", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = json.load(open(tmp_path / "ft" / "config.json"))
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    assert (tmp_path / "ft" / "model.safetensors").exists()
+
+
+def test_without_llama_cpp_the_export_says_that_check_was_skipped(models, tmp_path):
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "llama_cpp.py").write_text("raise ImportError('hidden for this test')\n")
+    r = run("EXPORT.py", "--model", models["gpt2"], "--format", "gguf", "--out", tmp_path / "m.gguf",
+            env={"PYTHONPATH": str(tmp_path / "hide")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "llama.cpp check skipped: pip install llama-cpp-python" in r.stderr and "llama.cpp 0." not in r.stderr
+
+
+def test_a_gguf_can_be_exported_again(ggufs, tmp_path):
+    r = run("EXPORT.py", "--model", ggufs["gpt2", "f32"][0], "--format", "gguf", "--quant", "q8_0",
+            "--out", tmp_path / "again.gguf")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "weights identical to those written" in r.stderr
+
+
+# --- llama.cpp itself: runs where llama-cpp-python is installed, reported as skipped otherwise -----------------
+
+def llama_cpp_greedy(llm, ids, n, eos):
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    while len(out) < n and (not out or out[-1] != eos):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval(out[-1:])
+    return out[:out.index(eos)] if eos in out else out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llama_cpp_tokenizes_like_the_model_tokenizer(models, ggufs, arch):
+    from TOKENIZER import load_tokenizer
+    llm, tok = llama_cpp_model(ggufs[arch, "f32"][0]), load_tokenizer(str(models[arch]))
+    texts = open(os.path.join(ROOT, "data", "train.txt")).read().splitlines()[:50]
+    assert [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts] == [tok(t).input_ids for t in texts]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llama_cpp_f32_greedy_matches_infer_token_for_token(models, ggufs, arch):
+    from TOKENIZER import load_tokenizer
+    llm, tok = llama_cpp_model(ggufs[arch, "f32"][0]), load_tokenizer(str(models[arch]))
+    r = run("INFER.py", "--model", models[arch], "--greedy", "--max-new-tokens", "24", "--each-line", "--jsonl",
+            stdin="\n".join(PROMPTS) + "\n")
+    assert r.returncode == 0, r.stderr
+    for prompt, line in zip(PROMPTS, r.stdout.splitlines(), strict=True):
+        record = json.loads(line)
+        ids = llama_cpp_greedy(llm, tok(prompt).input_ids, 24, tok.eos_token_id)
+        assert (tok.decode(ids, skip_special_tokens=True), len(ids)) == \
+            (record["completion"], record["completion_tokens"]), prompt
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_llama_cpp_quantised_top1_agrees_with_pytorch_99_percent(models, ggufs, arch, quant):
+    from TOKENIZER import load_tokenizer
+    llm, tok, model = llama_cpp_model(ggufs[arch, quant][0]), load_tokenizer(str(models[arch])), load(models[arch])
+    agree = total = 0
+    for line in open(os.path.join(ROOT, "data", "train.txt")).read().splitlines()[100:140]:
+        ids = tok(line).input_ids[:128]
+        llm.reset()
+        llm.eval(ids)
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0].argmax(-1).numpy()
+        agree += int((np.argmax(llm.scores[:len(ids)], -1) == ref).sum())
+        total += len(ids)
+    assert total > 500 and agree / total >= 0.99, f"{agree}/{total}"
+
+
+# --- refusals -------------------------------------------------------------------------------------------------
+
+def test_quant_without_gguf_is_a_one_line_error(models, tmp_path):
+    r = run("EXPORT.py", "--model", models["gpt2"], "--format", "onnx", "--quant", "q8_0", "--out", tmp_path / "m")
+    assert r.returncode == 2 and "--quant applies to --format gguf only" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gguf_refuses_a_variant_llama_cpp_does_not_compute(models, tmp_path):
+    relu = tmp_path / "relu"
+    shutil.copytree(models["gpt2"], relu)
+    config = json.load(open(relu / "config.json"))
+    json.dump({**config, "activation_function": "relu"}, open(relu / "config.json", "w"))
+    r = run("EXPORT.py", "--model", relu, "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert r.returncode == 2 and "activation relu" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_missing_gguf_model_is_a_one_line_error(tmp_path):
+    r = run("INFER.py", "--model", tmp_path / "nope.gguf", "--prompt", "x")
+    assert r.returncode == 2 and "no such GGUF file" in r.stderr and "Traceback" not in r.stderr
