@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt pytest matplotlib peft onnx onnxruntime onnxscript
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt pytest matplotlib peft onnx onnxruntime onnxscript gguf
 	touch $@
 
 # --overwrite: a second `make demo` replaces the previous demo run in out/ (TRAIN.py refuses otherwise)
@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 	$(PY) INFER.py --model out --prompt "Once upon a time" --max-new-tokens 60
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests   # -rs: name every skipped test and why
 
 clean:
 	rm -rf $(VENV) out

@@ -59,6 +59,17 @@ def test_merged_model_is_plain_and_gives_the_same_logits(adapter, trained):
         torch.testing.assert_close(merged(ids).logits, unmerged(ids).logits, rtol=0, atol=1e-5)
 
 
+def test_adapter_exports_to_gguf_merged(adapter, tmp_path):
+    pytest.importorskip("gguf")
+    from MODEL import load_pretrained
+    r = run("EXPORT.py", "--model", adapter, "--format", "gguf", "--quant", "f32", "--out", tmp_path / "m.gguf")
+    assert r.returncode == 0, r.stderr[-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(adapter / "merged").state_dict()
+    exported = load_pretrained(str(tmp_path / "m.gguf"), torch.float32).state_dict()
+    for name, w in merged.items():
+        torch.testing.assert_close(exported[name], w, rtol=0, atol=1e-6, msg=name)
+
+
 def test_lora_resume_is_bit_identical(adapter, trained, tmp_path):
     train(tmp_path / "resumed", "--model", trained, *LORA, "--resume", adapter / "ckpt-step-6")
     a = load_file(str(adapter / "adapter_model.safetensors"))
