@@ -205,10 +205,14 @@ def check_readback(model, tokenizer, path, quant):
     if diff != 0:
         raise UserError(f"{path}: verification failed - transformers reads back weights that differ by {diff:.2e}")
     back_tok = load_tokenizer(path)
-    if any(back_tok(t).input_ids != tokenizer(t).input_ids for t in PROMPTS + PASSAGES):
-        raise UserError(f"{path}: verification failed - the embedded tokenizer, read back by transformers, "
-                        "splits text differently")
-    return "transformers read it back: weights identical to those written, same tokenization"
+    if (back_tok.get_vocab(), back_tok.eos_token_id) != (tokenizer.get_vocab(), tokenizer.eos_token_id):
+        raise UserError(f"{path}: verification failed - transformers reads back another vocabulary")
+    differ = sum(back_tok(t).input_ids != tokenizer(t).input_ids for t in PROMPTS + PASSAGES)
+    if differ:  # transformers' reader knows fewer pre-tokenizers than llama.cpp (not 'smollm', for one)
+        log(f"note: transformers' GGUF reader splits {differ} of {len(PROMPTS + PASSAGES)} texts differently from "
+            "this tokenizer (its pre-tokenizer is one the reader does not rebuild); llama.cpp is checked separately")
+    return (f"transformers read it back: weights identical to those written, same vocabulary"
+            + ("" if differ else ", same tokenization"))
 
 
 def check_llama_cpp(llama_cpp, model, tokenizer, path, quant, min_agreement):

@@ -73,7 +73,22 @@ def test_onnx_is_verified_with_onnxruntime(models, arch, tmp_path):
 def test_gguf_export_says_what_it_wrote_and_how_it_was_checked(ggufs, arch, quant):
     path, stderr = ggufs[arch, quant]
     assert f"wrote {path} (" in stderr and f"MB, gguf {quant}); verified:" in stderr
-    assert "transformers read it back: weights identical to those written, same tokenization" in stderr
+    assert "transformers read it back: weights identical to those written, same vocabulary, same tokenization" in stderr
+
+
+def test_gguf_names_the_pre_tokenizer_llama_cpp_should_use():
+    from GGUF import pre_tokenizer
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    llama3 = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+              "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+    split = {"type": "Split", "pattern": {"Regex": llama3}, "behavior": "Isolated", "invert": False}
+    assert pre_tokenizer({"pre_tokenizer": byte_level}) == "gpt-2"
+    assert pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, byte_level]}}) == "smollm"
+    assert pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        split, {**byte_level, "use_regex": False}]}}) == "llama-bpe"
+    assert pre_tokenizer({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581"}}) is None
+    assert pre_tokenizer({"pre_tokenizer": {**byte_level, "add_prefix_space": True}}) is None
 
 
 def test_gguf_gets_smaller_with_each_weight_type(ggufs):
