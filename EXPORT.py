@@ -11,6 +11,7 @@ reading it back with transformers and, when llama-cpp-python is installed, by ge
 A LoRA adapter directory is merged into its base first. A failed check is an error, never a silent success.
 """
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,6 +98,24 @@ def export_onnx(module, inputs, path):
     return max(diffs), 1e-4, "onnxruntime (CPUExecutionProvider)"
 
 
+def export(model, cfg, path, stem):
+    """Write `path` and check it in its runtime: (the file's description, what was verified)."""
+    e = cfg.export
+    if e.format == "gguf":
+        import GGUF
+        from TOKENIZER import load_tokenizer
+        tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+        GGUF.write(model, tokenizer, path, e.quant, os.path.basename(stem))
+        return f"gguf {e.quant}", "; ".join(GGUF.verify(model, tokenizer, path, e.quant, e.min_agreement))
+    module, inputs = logits_module(model), examples(model.config.vocab_size)
+    diff, tolerance, how = {"onnx": export_onnx, "torchscript": export_torchscript}[e.format](module, inputs, path)
+    if not diff <= tolerance:
+        raise UserError(f"verification failed - {how} differs from PyTorch by {diff:.2e} (allowed {tolerance:.0e}); "
+                        "the file is not trustworthy")
+    return e.format, (f"{how} on {len(inputs)} inputs of different lengths with padding: max |logit difference| "
+                      f"{diff:.2e} <= {tolerance:.0e}")
+
+
 def main(argv):
     cfg, flags, _ = CONFIG.load(argv, CONFIG.EXPORT_SECTIONS, description=__doc__, config_default=None)
     if "model.name" not in flags:
@@ -109,6 +128,8 @@ def main(argv):
     path = e.out or stem + {"onnx": ".onnx", "torchscript": ".pt", "gguf": f"-{e.quant}.gguf"}[e.format]
     if os.path.abspath(path) == os.path.abspath(cfg.model.name):
         raise UserError(f"--out {path}: is the model being exported - write to another file")
+    if os.path.exists(path) and not e.overwrite:
+        raise UserError(f"--out {path}: already exists - pass --overwrite to replace it, or choose another --out")
 
     import torch
     from MODEL import load_pretrained
@@ -117,23 +138,23 @@ def main(argv):
                             trust_remote_code=cfg.model.trust_remote_code)
     if hasattr(model, "merge_and_unload"):  # a LoRA adapter: fold it into the base first
         model = model.merge_and_unload()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if e.format == "gguf":
-        import GGUF
-        from TOKENIZER import load_tokenizer
-        tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-        GGUF.write(model.eval(), tokenizer, path, e.quant, os.path.basename(stem))
-        checks = GGUF.verify(model, tokenizer, path, e.quant, e.min_agreement)
-        log(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB, gguf {e.quant}); verified: " + "; ".join(checks))
-        return
-    module = logits_module(model.eval())
-    inputs = examples(model.config.vocab_size)
-    diff, tolerance, how = {"onnx": export_onnx, "torchscript": export_torchscript}[e.format](module, inputs, path)
-    if not diff <= tolerance:
-        raise UserError(f"{path}: verification failed - {how} differs from PyTorch by {diff:.2e} "
-                        f"(allowed {tolerance:.0e}); the file is not trustworthy")
-    log(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB, {e.format}); verified with {how} on "
-        f"{len(inputs)} inputs of different lengths with padding: max |logit difference| {diff:.2e} <= {tolerance:.0e}")
+    # written and checked in a scratch folder beside --out, moved there only once verified: a failed export
+    # leaves nothing that looks like a good file, and never replaces one
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    try:
+        work = os.path.join(scratch, os.path.basename(path))
+        try:
+            kind, checks = export(model.eval(), cfg, work, stem)
+        except UserError as err:
+            raise UserError(f"{path}: {str(err).replace(work, path).removeprefix(path + ': ')} - nothing was written")
+        size = sum(os.path.getsize(os.path.join(scratch, f)) for f in os.listdir(scratch))
+        for f in os.listdir(scratch):  # the file, plus ONNX's external weights for a model over 2 GB
+            os.replace(os.path.join(scratch, f), os.path.join(parent, f))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log(f"wrote {path} ({size / 1e6:.1f} MB, {kind}); verified: {checks}")
 
 
 if __name__ == "__main__":

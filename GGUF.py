@@ -17,18 +17,20 @@ FILE_TYPE = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
 
 
 def unsupported(c):
-    """What llama.cpp's gpt2 / llama graphs would compute differently from this model, or None."""
+    """Why this model cannot be exported faithfully and checked, or None."""
     if c.model_type == "gpt2":
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):  # llama.cpp: tanh-approximated GELU
-            return f"activation {c.activation_function}"
+            return f"activation {c.activation_function}, which llama.cpp's gpt2 does not compute"
         if c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights:
-            return "non-standard attention scaling"
+            return "non-standard attention scaling, which llama.cpp's gpt2 does not compute"
     if c.model_type == "llama":
         if c.hidden_act != "silu":
-            return f"activation {c.hidden_act}"
+            return f"activation {c.hidden_act}, which llama.cpp's llama does not compute"
         rope_type = (getattr(c, "rope_parameters", None) or {}).get("rope_type", "default")
         if rope_type != "default":
-            return f"rope scaling {rope_type}"
+            return f"rope scaling {rope_type}, which this export does not write"
+        if c.attention_bias or c.mlp_bias:
+            return "bias tensors, which transformers' GGUF reader drops, so the file could not be checked"
     return None
 
 
@@ -37,8 +39,7 @@ def check_arch(c):
         raise UserError(f"--format gguf: architecture {c.model_type} is not supported - gpt2 and llama are "
                         "(use --format onnx or torchscript)")
     if unsupported(c):
-        raise UserError(f"--format gguf: this {c.model_type} uses {unsupported(c)}, which llama.cpp's "
-                        f"{c.model_type} does not compute - use --format onnx or torchscript")
+        raise UserError(f"--format gguf: this {c.model_type} uses {unsupported(c)} - use --format onnx or torchscript")
 
 
 def rope_permute(w, n_head):
@@ -211,7 +212,7 @@ def check_readback(model, tokenizer, path, quant):
     if differ:  # transformers' reader knows fewer pre-tokenizers than llama.cpp (not 'smollm', for one)
         log(f"note: transformers' GGUF reader splits {differ} of {len(PROMPTS + PASSAGES)} texts differently from "
             "this tokenizer (its pre-tokenizer is one the reader does not rebuild); llama.cpp is checked separately")
-    return (f"transformers read it back: weights identical to those written, same vocabulary"
+    return ("transformers read it back: weights identical to those written, same vocabulary"
             + ("" if differ else ", same tokenization"))
 
 

@@ -56,7 +56,7 @@ def test_torchscript_is_verified_in_a_fresh_process(models, arch, tmp_path):
     r = run("EXPORT.py", "--model", models[arch], "--format", "torchscript", "--out", tmp_path / "m.pt")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m.pt").stat().st_size > 0
-    assert "verified with torch.jit.load in a fresh process" in r.stderr and "<= 1e-05" in r.stderr
+    assert "verified: torch.jit.load in a fresh process" in r.stderr and "<= 1e-05" in r.stderr
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -65,7 +65,7 @@ def test_onnx_is_verified_with_onnxruntime(models, arch, tmp_path):
     pytest.importorskip("onnxscript")
     r = run("EXPORT.py", "--model", models[arch], "--format", "onnx", "--out", tmp_path / "m.onnx")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "verified with onnxruntime" in r.stderr and "<= 1e-04" in r.stderr
+    assert "verified: onnxruntime" in r.stderr and "<= 1e-04" in r.stderr
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -237,7 +237,20 @@ def test_gguf_refuses_a_variant_llama_cpp_does_not_compute(models, tmp_path):
     json.dump({**config, "activation_function": "relu"}, open(relu / "config.json", "w"))
     r = run("EXPORT.py", "--model", relu, "--format", "gguf", "--out", tmp_path / "m.gguf")
     assert r.returncode == 2 and "activation relu" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "m.gguf").exists()
+    assert sorted(os.listdir(tmp_path)) == ["relu"]  # no file, no scratch folder left behind
+
+
+def test_an_existing_export_is_replaced_only_with_overwrite(models, ggufs, tmp_path):
+    target = tmp_path / "m.gguf"
+    shutil.copy(ggufs["gpt2", "f16"][0], target)
+    before = target.read_bytes()
+    r = run("EXPORT.py", "--model", models["gpt2"], "--format", "gguf", "--quant", "q8_0", "--out", target)
+    assert r.returncode == 2 and "already exists - pass --overwrite" in r.stderr and target.read_bytes() == before
+    r = run("EXPORT.py", "--model", models["gpt2"], "--format", "gguf", "--quant", "q8_0", "--out", target,
+            "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert target.read_bytes() == open(ggufs["gpt2", "q8_0"][0], "rb").read()  # and the export is deterministic
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
 
 
 def test_a_missing_gguf_model_is_a_one_line_error(tmp_path):
