@@ -24,6 +24,7 @@ def files(tmp):
     (tmp / "broken.yaml").write_text("training:\n  batch_size: 4\n  epochs: [1, 2\n")
     (tmp / "notmodel").mkdir()
     (tmp / "emptyout").mkdir()
+    (tmp / "fake.gguf").write_text("not a GGUF file\n")
 
 
 CASES = [
@@ -66,6 +67,12 @@ CASES = [
     ("infer without model", "INFER.py", ["--prompt", "a"], None, "--model is required"),
     ("infer model missing", "INFER.py", ["--model", "{t}/no-model", "--prompt", "a"], None, "no such model directory"),
     ("corrupt safetensors", "INFER.py", ["--model", "{t}/corrupt", "--prompt", "a"], None, "could not load the model"),
+    ("gguf missing", "INFER.py", ["--model", "{t}/nope.gguf", "--prompt", "a"], None, "{t}/nope.gguf: no such GGUF file"),
+    ("not a gguf", "EVAL.py", ["--model", "{t}/fake.gguf", "--data", "data/train.txt"], None,
+     "{t}/fake.gguf: could not load the model"),
+    ("export an existing file", "EXPORT.py", ["--model", "{m}", "--format", "gguf", "--out", "{t}/fake.gguf"], None,
+     "{t}/fake.gguf: already exists - pass --overwrite"),
+    ("quant for onnx", "EXPORT.py", ["--model", "{m}", "--quant", "q8_0"], None, "--quant applies to --format gguf only"),
 ]
 
 

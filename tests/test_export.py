@@ -223,12 +223,7 @@ def test_llama_cpp_quantised_top1_agrees_with_pytorch_99_percent(models, ggufs, 
     assert total > 500 and agree / total >= 0.99, f"{agree}/{total}"
 
 
-# --- refusals -------------------------------------------------------------------------------------------------
-
-def test_quant_without_gguf_is_a_one_line_error(models, tmp_path):
-    r = run("EXPORT.py", "--model", models["gpt2"], "--format", "onnx", "--quant", "q8_0", "--out", tmp_path / "m")
-    assert r.returncode == 2 and "--quant applies to --format gguf only" in r.stderr and "Traceback" not in r.stderr
-
+# --- refusals (more in test_bad_input.py) -------------------------------------------------------------------------------------------------
 
 def test_gguf_refuses_a_variant_llama_cpp_does_not_compute(models, tmp_path):
     relu = tmp_path / "relu"
@@ -251,8 +246,3 @@ def test_an_existing_export_is_replaced_only_with_overwrite(models, ggufs, tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     assert target.read_bytes() == open(ggufs["gpt2", "q8_0"][0], "rb").read()  # and the export is deterministic
     assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
-
-
-def test_a_missing_gguf_model_is_a_one_line_error(tmp_path):
-    r = run("INFER.py", "--model", tmp_path / "nope.gguf", "--prompt", "x")
-    assert r.returncode == 2 and "no such GGUF file" in r.stderr and "Traceback" not in r.stderr
