@@ -123,7 +123,8 @@ def main(argv):
     e = cfg.export
     for key in ("export.quant", "export.min_agreement"):
         if key in flags and e.format != "gguf":
-            raise UserError(f"--{key[7:].replace('_', '-')} applies to --format gguf only - drop it, or add --format gguf")
+            flag = "--" + key.removeprefix("export.").replace("_", "-")
+            raise UserError(f"{flag} applies to --format gguf only - drop it, or add --format gguf")
     stem = cfg.model.name.rstrip("/").removesuffix(".gguf")
     path = e.out or stem + {"onnx": ".onnx", "torchscript": ".pt", "gguf": f"-{e.quant}.gguf"}[e.format]
     if os.path.abspath(path) == os.path.abspath(cfg.model.name):
