@@ -146,7 +146,7 @@ class ExportCfg:
     out: Optional[str] = opt(None, "the file to write (default: the model path + .onnx / .pt / .gguf)",
                              flag="--out")
     quant: Literal["f32", "f16", "q8_0"] = opt("f16", "gguf weight type: f32, f16 (llama.cpp's default) or q8_0; "
-                                               "norms and biases stay f32")
+                                               "norms, biases and position embeddings stay f32")
     overwrite: bool = opt(False, "replace an existing --out file (once the new one is verified)")
     min_agreement: float = opt(0.99, "gguf f16/q8_0: the share of next-token predictions llama.cpp must pick as "
                                      "PyTorch does (lower it for small models that quantisation moves more)",

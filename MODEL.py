@@ -66,14 +66,17 @@ def hub_reachable(timeout=3.0):
     return bool(result)
 
 
-def gguf_file(name):
-    """(directory, file name) when `name` is a .gguf file (transformers dequantises it as it loads), else None."""
-    return (os.path.dirname(name) or ".", os.path.basename(name)) if name.endswith(".gguf") else None
+def from_pretrained_args(name):
+    """(where, extra kwargs) for transformers' from_pretrained: a .gguf file is read from its folder with
+    gguf_file= (transformers dequantises it as it loads); anything else is passed as it is."""
+    if name.endswith(".gguf"):
+        return os.path.dirname(name) or ".", {"gguf_file": os.path.basename(name)}
+    return name, {}
 
 
 def check_source(name, what="model"):
     """Fail fast, in one line, when `name` is neither a usable local directory or .gguf file nor a reachable hub id."""
-    if gguf_file(name):
+    if name.endswith(".gguf"):
         if not os.path.isfile(name):
             raise UserError(f"{name}: no such GGUF file - check the path")
         if importlib.util.find_spec("gguf") is None:
@@ -195,17 +198,16 @@ def load_pretrained(path, dtype, base_model=None, trainable=False, **kw):
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
             raise UserError(f"{path}: could not load the LoRA adapter onto {base} ({str(e).splitlines()[0][:160]})")
     logging.disable_progress_bar()  # no "Loading weights" bar: stderr is for our own messages
-    kw = {k: v for k, v in kw.items() if v is not None}
-    where = path
+    where, gguf = from_pretrained_args(path)
+    kw = {k: v for k, v in kw.items() if v is not None} | gguf
     try:
-        if gguf_file(path):
-            where, kw["gguf_file"] = gguf_file(path)
-            kw["config"] = AutoConfig.from_pretrained(where, gguf_file=kw["gguf_file"])
+        if gguf:
+            kw["config"] = AutoConfig.from_pretrained(where, **gguf)
             if kw["config"].model_type == "gpt2":  # transformers maps GGUF's context_length to n_ctx, not n_positions
                 kw["config"].n_positions = kw["config"].n_ctx
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
         model.loss_type = getattr(model, "loss_type", None) or "ForCausalLM"
-        if "gguf_file" in kw:  # dequantised into plain tensors: save it like any model (a fine-tune from a GGUF)
+        if gguf:  # dequantised into plain tensors: save it like any model (a fine-tune from a GGUF)
             model.hf_quantizer = None
             model.config.__dict__.pop("quantization_config", None)
         return model

@@ -4,7 +4,7 @@ import shutil
 import sys
 
 from CONFIG import UserError
-from MODEL import check_source, gguf_file
+from MODEL import check_source, from_pretrained_args
 
 EOS = "<|endoftext|>"
 
@@ -12,7 +12,7 @@ EOS = "<|endoftext|>"
 def load_tokenizer(name, trust_remote_code=False):
     from transformers import AutoTokenizer
     check_source(name, "tokenizer")
-    where, kw = (gguf_file(name)[0], {"gguf_file": gguf_file(name)[1]}) if gguf_file(name) else (name, {})
+    where, kw = from_pretrained_args(name)
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
     except (OSError, ValueError, TypeError) as e:
