@@ -192,7 +192,7 @@ def verify(model, tokenizer, path, quant, min_agreement):
 
 
 def check_readback(model, tokenizer, path, quant):
-    """transformers' own GGUF reader must give back exactly the (rounded) weights and the same tokenization."""
+    """transformers' own GGUF reader must give back exactly the (rounded) weights and the same vocabulary."""
     import numpy as np
     import torch
     import gguf
