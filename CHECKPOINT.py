@@ -110,6 +110,16 @@ def resume_path(cfg):
     return r
 
 
+def changed_settings(path, cfg):
+    """["key: checkpoint's value -> this run's"] for settings (output dir and resume aside) that differ from
+    those the checkpoint at `path` was trained with, e.g. a resume typed without the run's --model."""
+    import yaml
+    saved = os.path.join(path, CONFIG_FILE)
+    old = yaml.safe_load(open(saved)) if os.path.exists(saved) else {}
+    return [f"{sec}.{k}: {old[sec][k]!r} -> {v!r}" for sec, values in CONFIG.to_dict(cfg).items() if sec != "output"
+            for k, v in values.items() if k != "resume" and k in old.get(sec, {}) and old[sec][k] != v]
+
+
 def load_state(path, optimizer, scaler, rank=0, world=1, fsdp_model=None):
     """Restore optimizer, scaler and RNG from training_state.pt. weights_only=True: tensors and plain data only."""
     import pickle

@@ -9,6 +9,7 @@ Precedence: field default < YAML file (--config, default ./config.yaml) < comman
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import typing
@@ -54,11 +55,12 @@ class TokenizerCfg:
 class DataCfg:
     files: list = opt(["data/train.txt", "data/train.jsonl"],
                       ".txt (one sample per non-empty line) and .jsonl ({\"text\": …} per line) files", flag="--data")
-    packing: bool = opt(True, "join documents with EOS and cut into max_length blocks (pretraining); "
-                        "--no-packing: one padded sample per document (fine-tuning)")
+    packing: Optional[bool] = opt(None, "join documents with EOS and cut into max_length blocks; --no-packing: one "
+                                  "padded sample per document; default by purpose: packing from scratch only")
     val_files: list = opt([], "validation files", flag="--val-data")
     val_fraction: float = opt(0.0, "hold out this fraction of the documents (the last ones) for validation",
                               min=0, at_most=0.5)
+    val_max_tokens: int = opt(1_000_000, "but hold out no more documents than fit in this many tokens", min=1)
     cache_dir: str = opt("data/.cache", "where tokenized data is cached (memory-mapped, reused across runs)")
 
 
@@ -83,14 +85,16 @@ class TrainingCfg:
     max_steps: Optional[int] = opt(None, "optimizer steps to run; overrides epochs", min=1)
     batch_size: int = opt(8, "sequences per micro-batch", min=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", min=1)
-    learning_rate: float = opt(1e-3, "peak learning rate", above=0)
+    learning_rate: Optional[float] = opt(None, "peak learning rate; default by purpose: 1e-3 from scratch, 5e-5 full "
+                                         "fine-tune, 2e-4 LoRA", above=0)
     min_lr_ratio: float = opt(0.1, "cosine decay ends at learning_rate * min_lr_ratio", min=0, at_most=1)
-    warmup_steps: int = opt(20, "linear warmup steps", min=0)
+    warmup_steps: float = opt(0.05, "linear warmup: a number of steps, or below 1 a fraction of the run", min=0)
     weight_decay: float = opt(0.1, "AdamW decay of matrices (dim >= 2); biases and norms are not decayed", min=0)
     beta1: float = opt(0.9, "AdamW beta1", min=0, at_most=1)
     beta2: float = opt(0.95, "AdamW beta2", min=0, at_most=1)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", min=0)
-    max_length: int = opt(128, "tokens per sequence; longer samples are truncated", min=2)
+    max_length: Optional[int] = opt(None, "tokens per sequence; longer samples are truncated; default: the model's "
+                                    "context, at most 1024", min=2)
     seed: int = opt(1337, "seed of initialisation, data order and dropout")
     save_every: int = opt(100, "write a checkpoint every N optimizer steps (0 = only at the end)", min=0)
     keep_last: int = opt(3, "checkpoints to keep (older ones are deleted)", min=1)
@@ -99,6 +103,8 @@ class TrainingCfg:
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row", min=1)
     eval_every: int = opt(0, "compute validation loss every N steps (0 = only at the end, when there is val data)",
                           min=0)
+    eval_batches: int = opt(20, "validation scores this many batches: the same evenly spread subset of the "
+                                "validation sequences each time (0 = all of them)", min=0)
     save_best: bool = opt(False, "keep the checkpoint with the lowest validation loss in OUT/ckpt-best")
     fsdp: bool = opt(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard)")
     compile: bool = opt(False, "torch.compile the model (falls back to eager, with a warning, where it cannot)")
@@ -166,6 +172,54 @@ class Config:
     export: ExportCfg = field(default_factory=ExportCfg)
 
 
+# ---------------------------------------------------------------- defaults by purpose
+
+# What a run is for sets the settings the schema leaves unset (None); a value from YAML or a flag wins.
+# Learning rates as the anchors use them: ~1e-3 to pretrain a small model (nanoGPT, litgpt), 5e-5 for a
+# full fine-tune (run_clm / the Trainer; 1e-3 wrecks a pretrained model), 2e-4 for LoRA (TRL, QLoRA).
+# Fine-tunes train one sample per document, as TRL, litgpt and axolotl do; pretraining packs.
+PURPOSE_DEFAULTS = {"from scratch": {"training.learning_rate": 1e-3, "data.packing": True},
+                    "full fine-tune": {"training.learning_rate": 5e-5, "data.packing": False},
+                    "LoRA fine-tune": {"training.learning_rate": 2e-4, "data.packing": False}}
+# training.max_length defaults to the model's context, but at most this: the fp32 logits of one micro-batch
+# (batch x length x vocab) dominate activation memory (8 x 1024 x 49k vocab = 1.6 GB per copy); run_clm's
+# block_size and TRL's max_length default to 1024 too.
+MAX_LENGTH_CAP = 1024
+
+
+def purpose(cfg):
+    if cfg.model.from_scratch:
+        return "from scratch"
+    return "LoRA fine-tune" if cfg.lora.enabled or cfg.lora.qlora else "full fine-tune"
+
+
+def apply_purpose(cfg):
+    """Fill the unset settings with the defaults of the run's purpose: {key: value} of those it filled."""
+    filled = {}
+    for key, value in PURPOSE_DEFAULTS[purpose(cfg)].items():
+        sec, name = key.split(".")
+        if getattr(getattr(cfg, sec), name) is None:
+            setattr(getattr(cfg, sec), name, value)
+            filled[key] = value
+    return filled
+
+
+def default_max_length(context):
+    return min(context, MAX_LENGTH_CAP)
+
+
+def warmup_of(warmup_steps, total_steps):
+    """training.warmup_steps as a count: whole steps, or below 1 a fraction of the run (rounded up, as the
+    Trainer's warmup_ratio), so a short fine-tune still reaches its peak rate."""
+    return int(warmup_steps) if warmup_steps >= 1 else math.ceil(warmup_steps * total_steps)
+
+
+def rules(cfg):
+    """Checks across values that the per-field ranges cannot express: a list of error messages."""
+    w = cfg.training.warmup_steps
+    return [f"training.warmup_steps: {w} - give whole steps, or a fraction of the run below 1"] if w >= 1 and w % 1 else []
+
+
 TRAIN_SECTIONS = ("model", "tokenizer", "data", "lora", "training", "output")
 INFER_SECTIONS = ("model", "infer")
 EVAL_SECTIONS = ("model", "data", "eval")
@@ -193,6 +247,11 @@ def leaves(sections):
         types = typing.get_type_hints(cls)
         out += [(sec, f, types[f.name]) for f in dataclasses.fields(cls)]
     return out
+
+
+def base_type(typ):
+    """X for Optional[X], else typ."""
+    return typing.get_args(typ)[0] if typing.get_origin(typ) is typing.Union else typ
 
 
 def flag_of(sec, f):
@@ -309,6 +368,7 @@ def build(raw, sections, source):
                 setattr(getattr(cfg, sec), key, value)
             except UserError as e:
                 errors.append(str(e))
+    errors += rules(cfg) if not errors and "training" in sections else []
     if errors:
         raise UserError(f"{source}: " + "; ".join(errors))
     return cfg
@@ -328,7 +388,7 @@ class Parser(argparse.ArgumentParser):
 def flag_value(typ, key):
     """argparse `type=` for a flag: the text is read as YAML for numbers/mappings, kept verbatim for strings."""
     def parse(text):
-        base = typing.get_args(typ)[0] if typing.get_origin(typ) is typing.Union else typ
+        base = base_type(typ)
         if base is str:
             return text
         try:
@@ -358,7 +418,7 @@ def make_parser(sections, description, config_default):
         names.append(f"--{sec}.{f.name.replace('_', '-')}")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw = dict(dest=key, help=f"{f.metadata['help']} [{key}] (default: {default})")
-        if typ is bool:
+        if base_type(typ) is bool:
             p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
         elif typ is list:  # --data a b --data c gives [a, b, c]
             p.add_argument(*names, nargs="+", action="extend", metavar=key.split(".")[1].upper(), **kw)
@@ -370,13 +430,19 @@ def make_parser(sections, description, config_default):
 
 
 def load(argv, sections=TRAIN_SECTIONS, description=None, config_default="config.yaml"):
-    """Parse flags and the YAML file into a Config. Returns (cfg, flags): flags are the keys set on the CLI."""
+    """Parse flags and the YAML file into a Config; returns (cfg, flags set on the command line, --debug).
+
+    config_default (TRAIN.py's config.yaml, the default experiment) is read only when the command names
+    neither --config nor --model: a --model means the user's own run, which gets the defaults of its
+    purpose (PURPOSE_DEFAULTS), not the demo's settings. One log line says which applies."""
     args = vars(make_parser(sections, description, config_default).parse_args(argv))
     path, print_config, debug = args.pop("config"), args.pop("print_config"), args.pop("debug")
     explicit = any(a == "--config" or a.startswith("--config=") for a in argv)
-    raw = read_yaml(path) if path is not None and (explicit or os.path.exists(path)) else {}
+    if not explicit and (path is None or "model.name" in args or not os.path.exists(path)):
+        path = None
+    raw = read_yaml(path) if path else {}
     # A --model on the command line means "start from that model's weights" unless --from-scratch is given
-    # too, so `python TRAIN.py --model gpt2` fine-tunes gpt2 even though config.yaml trains from scratch.
+    # too, so `python TRAIN.py --config my.yaml --model DIR` fine-tunes DIR even if my.yaml trains from scratch.
     if "model.name" in args and "model.from_scratch" not in args and isinstance(raw.get("model"), dict):
         raw["model"] = {k: v for k, v in raw["model"].items() if k not in ("from_scratch", "config_overrides")}
     for key, value in args.items():
@@ -386,6 +452,20 @@ def load(argv, sections=TRAIN_SECTIONS, description=None, config_default="config
             raw[sec] = {}
         raw[sec][name] = value
     cfg = build(raw, sections, f"{path} + flags" if path else "flags")
+    if "training" in sections:
+        filled = apply_purpose(cfg)
+        source = (f"config: {path}" if path else "config: built-in defaults" + (
+            f" ({config_default}, the default experiment, is read only when the command names no --model; "
+            f"--config {config_default} to use it)" if config_default and os.path.exists(config_default) else ""))
+        chosen = ", ".join(f"{k.split('.')[1]}={yaml.safe_dump(v).split(chr(10))[0]}" for k, v in filled.items())
+        summary = f"{source} | purpose: {purpose(cfg)}" + (f", so {chosen}" if chosen else "")
+        notes = {k: f"{purpose(cfg)} default" for k in filled}
+        if cfg.training.max_length is None:
+            notes["training.max_length"] = f"the model's context, at most {MAX_LENGTH_CAP}"
+        if print_config:
+            print(f"# {summary}\n{dump(cfg, sections, notes)}", end="")
+            sys.exit(0)
+        log(summary)
     if print_config:
         print(dump(cfg, sections), end="")
         sys.exit(0)
@@ -397,8 +477,14 @@ def to_dict(cfg, sections=TRAIN_SECTIONS):
     return {s: d[s] for s in sections}
 
 
-def dump(cfg, sections=TRAIN_SECTIONS):
-    return yaml.safe_dump(to_dict(cfg, sections), sort_keys=False)
+def dump(cfg, sections=TRAIN_SECTIONS, notes=None):
+    """The config as YAML; notes {"section.key": text} become comments on those keys' lines."""
+    lines, sec = [], None
+    for line in yaml.safe_dump(to_dict(cfg, sections), sort_keys=False).splitlines(keepends=True):
+        sec = line.split(":")[0] if not line.startswith(" ") else sec
+        key = f"{sec}.{line.strip().split(':')[0]}" if line.startswith("  ") and line[2] not in " -" else None
+        lines.append(f"{line.rstrip()}  # {notes[key]}\n" if notes and key in notes else line)
+    return "".join(lines)
 
 
 def main_guard(main):

@@ -150,10 +150,33 @@ def spans(ends, first_doc, last_doc, max_length, packing):
     return np.stack([starts, np.minimum(stops, starts + max_length)], axis=1)
 
 
+def held_out(ends, fraction, max_tokens):
+    """How many of the last documents validation takes: `fraction` of them, but no more than fit in max_tokens
+    (at least one), so that a large corpus does not hold out gigabytes."""
+    import numpy as np
+    n_val = int(len(ends) * fraction)
+    if not n_val:
+        return 0
+    starts = np.concatenate([[0], ends[:-1]])
+    fit = len(ends) - int(np.searchsorted(starts, int(ends[-1]) - max_tokens, side="left"))
+    if fit < n_val:
+        log(f"validation: holding out the last {max(1, fit)} documents, not {n_val} ({fraction:.0%}): "
+            f"data.val_max_tokens is {max_tokens}")
+    return max(1, min(n_val, fit))
+
+
+def evenly_spaced(spans, count):
+    """A fixed subset of `count` sequences spread evenly over `spans` (all of them when count is 0 or covers
+    them): every validation during a run scores the same sequences, so the points of the curve compare."""
+    if not count or count >= len(spans):
+        return spans
+    return spans[[i * len(spans) // count for i in range(count)]]
+
+
 def load(dcfg, tokenizer, max_length):
     """(tokens, train spans, val tokens, val spans) for the data section of the config; val may be None."""
     tokens, ends = token_cache(dcfg.files, tokenizer, dcfg.cache_dir)
-    n_val = int(len(ends) * dcfg.val_fraction)
+    n_val = held_out(ends, dcfg.val_fraction, dcfg.val_max_tokens)
     if dcfg.val_files:
         check_files(dcfg.val_files)
         val_tokens, val_ends = token_cache(dcfg.val_files, tokenizer, dcfg.cache_dir)

@@ -17,16 +17,17 @@ import sys
 import time
 
 import CONFIG
-from CHECKPOINT import (CONFIG_FILE, FULL, checkpoints, full_optimizer_state, load_state, prepare_out_dir,
-                        resume_path, save_final, trim_metrics, write_model_dir)
+from CHECKPOINT import (CONFIG_FILE, FULL, changed_settings, checkpoints, full_optimizer_state, load_state,
+                        prepare_out_dir, resume_path, save_final, trim_metrics, write_model_dir)
 from CONFIG import UserError, log
 
 
 def lr_at(step, t, total_steps):
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine decay to min_lr_ratio."""
-    if step < t.warmup_steps:
-        return t.learning_rate * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
+    warmup = CONFIG.warmup_of(t.warmup_steps, total_steps)
+    if step < warmup:
+        return t.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return t.learning_rate * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
 
@@ -42,7 +43,7 @@ def setup(cfg, rank0_first):
     """Tokenizer, model and tokenized data for a fresh or resumed run. rank0_first(fn) runs fn on rank 0
     before the other ranks, so caches are written once and then read."""
     import torch
-    from DATA import check_files, load
+    from DATA import check_files, evenly_spaced, load
     from MODEL import build_model, check_source, context_length, load_pretrained, pick_device, quantization
     from TOKENIZER import cached_bpe, load_tokenizer
     m, t = cfg.model, cfg.training
@@ -63,11 +64,22 @@ def setup(cfg, rank0_first):
         else:
             tokenizer = rank0_first(lambda: cached_bpe(cfg.data.files, cfg.tokenizer.vocab_size, cfg.data.cache_dir))
         model = build_model(m, cfg.lora, tokenizer, device, t.seed)
-    if t.max_length > context_length(model.config):
+    context = context_length(model.config)
+    if t.max_length is None:
+        t.max_length = CONFIG.default_max_length(context)
+        log(f"max_length {t.max_length}: the model's context of {context} tokens"
+            + (f", capped at {CONFIG.MAX_LENGTH_CAP} (--max-length to change)" if context > t.max_length else ""))
+    if t.max_length > context:
         raise UserError(f"training.max_length: {t.max_length} is above the model's context of "
-                        f"{context_length(model.config)} tokens - lower --max-length")
-    data = rank0_first(lambda: load(cfg.data, tokenizer, t.max_length))
-    return device, tokenizer, model, data, resume
+                        f"{context} tokens - lower --max-length")
+    if resume and changed_settings(resume, cfg):
+        log(f"note: resuming with settings that differ from the checkpoint's: {'; '.join(changed_settings(resume, cfg))}")
+    tokens, spans, val_tokens, val_spans = rank0_first(lambda: load(cfg.data, tokenizer, t.max_length))
+    if val_spans is not None and len(evenly_spaced(val_spans, t.eval_batches * t.batch_size)) < len(val_spans):
+        log(f"validation scores the same {t.eval_batches * t.batch_size} of its {len(val_spans)} sequences each "
+            f"time (training.eval_batches {t.eval_batches} x batch_size {t.batch_size}); EVAL.py scores all")
+        val_spans = evenly_spaced(val_spans, t.eval_batches * t.batch_size)
+    return device, tokenizer, model, (tokens, spans, val_tokens, val_spans), resume
 
 
 def shard(model):
@@ -170,7 +182,8 @@ def train(cfg):
     n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | {len(spans)} sequences | "
         f"global batch {global_batch} = {t.batch_size} x {t.grad_accum} accum x {world} ranks | "
-        f"{total_steps} steps | {device} {str(ptdtype)[6:]}")
+        f"{total_steps} steps ({CONFIG.warmup_of(t.warmup_steps, total_steps)} warmup) at peak lr {t.learning_rate:g} | "
+        f"{device} {str(ptdtype)[6:]}")
     if master:
         with open(os.path.join(out, CONFIG_FILE), "w") as fh:
             fh.write(CONFIG.dump(cfg))
@@ -220,6 +233,7 @@ def train(cfg):
     model.train()
     bar = tqdm(total=total_steps, initial=step, file=sys.stderr, dynamic_ncols=True, disable=None if master else True)
     t0, n_tokens, loss_sum, logged = time.perf_counter(), 0, torch.zeros((), device=device), 0
+    run_start, val_time = t0, 0.0
     while step < total_steps:
         lr = lr_at(step, t, total_steps)
         for group in optimizer.param_groups:
@@ -271,13 +285,17 @@ def train(cfg):
                 log(f"step {step}/{total_steps} loss {row['loss']:.4f} lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s")
             t0, n_tokens, loss_sum, logged = time.perf_counter(), 0, torch.zeros((), device=device), 0
         if val_spans is not None and ((t.eval_every and step % t.eval_every == 0) or last):
+            v0 = time.perf_counter()
             val = validate(raw_model if world > 1 and not t.fsdp else model, val_tokens, val_spans, t.batch_size,
                            tokenizer.pad_token_id, device, autocast, rank, world)
-            row = {"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 700))}
+            val_time, t0 = val_time + time.perf_counter() - v0, t0 + time.perf_counter() - v0  # tok/s: training only
+            row = {"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 700)), "val_sequences": len(val_spans),
+                   "val_share": val_time / (time.perf_counter() - run_start)}
             if master:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-                bar.write(f"step {step}: validation loss {val:.4f}, perplexity {row['val_ppl']:.2f}", file=sys.stderr)
+                bar.write(f"step {step}: validation loss {val:.4f}, perplexity {row['val_ppl']:.2f} ({len(val_spans)} "
+                          f"sequences; validation is {row['val_share']:.0%} of the wall time so far)", file=sys.stderr)
             if t.save_best and val < best_val:
                 best_val = val
                 checkpoint(step, "ckpt-best")
