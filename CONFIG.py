@@ -54,9 +54,15 @@ class TokenizerCfg:
 @dataclass
 class DataCfg:
     files: list = opt(["data/train.txt", "data/train.jsonl"],
-                      ".txt (one sample per non-empty line) and .jsonl ({\"text\": …} per line) files", flag="--data")
+                      ".txt (one sample per non-empty line) and .jsonl files (text, messages, prompt/completion)",
+                      flag="--data")
     packing: Optional[bool] = opt(None, "join documents with EOS and cut into max_length blocks; --no-packing: one "
                                   "padded sample per document; default by purpose: packing from scratch only")
+    loss_on: Optional[Literal["all", "assistant", "completion", "last_assistant"]] = opt(
+        None, "which tokens are trained on (targets); default: all for text, assistant for conversations, "
+        "completion for prompt/completion")
+    too_long: Literal["truncate", "drop"] = opt("truncate", "a sample longer than max_length is truncated (its "
+                                                "targets that fit are kept) or dropped; one warning counts them")
     val_files: list = opt([], "validation files", flag="--val-data")
     val_fraction: float = opt(0.0, "hold out this fraction of the documents (the last ones) for validation",
                               min=0, at_most=0.5)

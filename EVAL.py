@@ -6,17 +6,19 @@ and validate(), the exact validation loss TRAIN.py logs during training.
     python EVAL.py --model out --data a.jsonl --dump tokens.jsonl --dump-top-k 5
     python EVAL.py --plot out                                      # out/loss.png from out/metrics.jsonl
 
-Each document (a .txt line or a .jsonl "text") is scored as TRAIN.py trains it: its tokens plus EOS.
-Every token but the first of each document is scored exactly once; perplexity is
-exp(sum of NLL / number of scored tokens) over all the data, not a mean of batch means.
+Each sample is scored as TRAIN.py trains it, with the same tokens and targets: plain text is its tokens
+plus EOS, every token but the first scored exactly once; a conversation scores only its assistant turns
+(data.loss_on). Perplexity is exp(sum of NLL / number of scored tokens) over all the data, not a mean of
+batch means; bits per byte divide by the UTF-8 bytes of the scored text.
 """
+import itertools
 import json
 import math
 import os
 import sys
 
 import CONFIG
-from CONFIG import UserError
+from CONFIG import UserError, log
 
 
 def windows(n, window, stride):
@@ -33,72 +35,72 @@ def windows(n, window, stride):
 
 
 def score(model, batch, device):
-    """Log-probabilities of every next token for a list of (ids, n_scored): [(target ids, logprobs)]."""
+    """Log-probabilities of the target tokens of [(ids, labels, position ids)]: [(target ids, logprob rows)]."""
     import torch
-    T = max(len(ids) for ids, _ in batch)
-    input_ids = torch.zeros((len(batch), T), dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, (ids, _) in enumerate(batch):
-        input_ids[row, :len(ids)], mask[row, :len(ids)] = torch.tensor(ids), 1
+    from DATA import collate
+    b = collate(batch, 0)
     with torch.inference_mode():
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logits = model(input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
+                       use_cache=False).logits.float()
     logprobs = torch.log_softmax(logits[:, :-1], dim=-1).cpu()  # (B, T-1, V): position t predicts token t+1
-    out = []
-    for row, (ids, n_scored) in enumerate(batch):
-        first = max(1, len(ids) - n_scored)  # token 0 of a document has no context to be predicted from
-        targets = input_ids[row, first:len(ids)]
-        out.append((targets, logprobs[row, first - 1:len(ids) - 1]))
-    return out
+    labels = b["labels"][:, 1:]
+    return [(labels[row][labels[row] != -100], logprobs[row][labels[row] != -100]) for row in range(len(batch))]
 
 
-def evaluate(model, tokenizer, texts, window, stride, batch_size, device, on_document=None):
-    """Sum of NLL, scored tokens and UTF-8 bytes over all texts; memory is bounded by one batch of windows."""
-    nll, tokens, n_bytes, pending = 0.0, 0, 0, []  # pending: (doc index, ids slice, n_scored)
+def evaluate(model, tokenizer, samples, window, stride, batch_size, device, loss_on=None, on_document=None):
+    """Sum of NLL, scored tokens and target UTF-8 bytes over [(kind, sample, where)]: each sample is encoded
+    as training encodes it (CHAT.encode: the same tokens and target mask); memory is bounded by one batch
+    of windows and a chunk of samples."""
+    from CHAT import encode
+    nll, tokens, n_bytes, pending, doc = 0.0, 0, 0, [], 0  # pending: (doc index, (ids, labels, positions))
 
     def flush():
         nonlocal nll, tokens
         doc_parts = {}
-        for (doc, _, _), (targets, lp) in zip(pending, score(model, [(p[1], p[2]) for p in pending], device)):
+        for (d, _), (targets, lp) in zip(pending, score(model, [p[1] for p in pending], device)):
             picked = lp.gather(1, targets[:, None])[:, 0]
             nll -= float(picked.double().sum())
             tokens += len(targets)
             if on_document:
-                doc_parts.setdefault(doc, []).append((targets, lp, picked))
+                doc_parts.setdefault(d, []).append((targets, lp, picked))
         if on_document:
-            for doc, parts in doc_parts.items():
-                on_document(doc, parts)
+            for d, parts in doc_parts.items():
+                on_document(d, parts)
         pending.clear()
 
-    for doc, text in enumerate(texts):
-        ids = tokenizer(text)["input_ids"]
-        ids = ids + [tokenizer.eos_token_id] if not ids or ids[-1] != tokenizer.eos_token_id else ids
-        n_bytes += len(text.encode("utf-8"))
-        for begin, end, n_scored in windows(len(ids), window, stride):
-            pending.append((doc, ids[begin:end], n_scored))
-            if len(pending) == batch_size:
-                flush()
+    samples = iter(samples)
+    while chunk := list(itertools.islice(samples, 256)):
+        for ids, mask, target_bytes in encode(chunk, tokenizer, loss_on):
+            n_bytes += target_bytes
+            for begin, end, n_scored in windows(len(ids), window, stride):
+                labels = [t if m and i >= end - n_scored else -100
+                          for i, t, m in zip(range(begin, end), ids[begin:end], mask[begin:end])]
+                pending.append((doc, (ids[begin:end], [-100] + labels[1:], range(end - begin))))
+                if len(pending) == batch_size:
+                    flush()
+            doc += 1
     if pending:
         flush()
     return nll, tokens, n_bytes
 
 
-def validate(model, tokens, spans, batch_size, pad_id, device, autocast, rank, world):
-    """Validation loss exp-able to perplexity: Σ NLL / Σ target tokens over the whole set (not a mean of
-    batch means), in float64. Ranks score disjoint batches and sum; every rank runs the same number of
-    forward passes (FSDP gathers parameters in each), an empty share scoring a dummy with weight 0."""
+def validate(model, seqs, indices, batch_size, pad_id, device, autocast, rank, world):
+    """Validation loss exp-able to perplexity: Σ NLL / Σ target tokens over the sequences `indices` of seqs
+    (not a mean of batch means), in float64. Ranks score disjoint batches and sum; every rank runs the same
+    number of forward passes (FSDP gathers parameters in each), an empty share scoring a dummy with weight 0."""
     import torch
     import torch.distributed as dist
     from DATA import collate, count_targets, gather
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (Σ NLL, Σ targets)
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(spans), batch_size * world):
-            mine = list(range(start + rank * batch_size, min(start + (rank + 1) * batch_size, len(spans))))
-            batch = collate(gather(tokens, spans, mine or [0]), pad_id)
+        for start in range(0, len(indices), batch_size * world):
+            mine = indices[start + rank * batch_size:start + (rank + 1) * batch_size]
+            batch = collate(gather(seqs, mine or indices[:1]), pad_id)
             n = count_targets(batch) if mine else 0
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:  # num_items_in_batch=1: the loss is the sum of the token NLLs
-                nll = model(**batch, num_items_in_batch=torch.tensor(1, device=device)).loss
+                nll = model(**batch, num_items_in_batch=torch.tensor(1, device=device), use_cache=False).loss
             sums += torch.stack([nll.double() * bool(mine), torch.tensor(n, dtype=torch.float64, device=device)])
     model.train()
     if world > 1:
@@ -174,11 +176,13 @@ def main(argv):
         return
     if "model.name" not in flags or "data.files" not in flags:
         raise UserError("--model and --data are required: e.g. python EVAL.py --model out --data data/train.txt")
-    from DATA import check_files, iter_texts
+    from DATA import check_files, check_loss_on, read_all
     check_files(cfg.data.files)
+    chat = "messages" in check_loss_on(cfg.data.files, cfg.data.loss_on).values()
 
     import torch
-    from MODEL import DTYPES, context_length, load_pretrained, pick_device
+    from MODEL import DTYPES, context_length, load_pretrained, no_padding_warning, pick_device
+    no_padding_warning()
     from TOKENIZER import load_tokenizer
     device = pick_device(cfg.model.device)
     dtype = {"auto": torch.float32, **DTYPES}[cfg.model.dtype]
@@ -186,6 +190,10 @@ def main(argv):
                             attn_implementation=cfg.model.attn_implementation,
                             trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    if chat and not tokenizer.chat_template:
+        from CHAT import with_template
+        log("the tokenizer has no chat template: conversations are rendered with the default ChatML one")
+        with_template(tokenizer)
     window = e.window or context_length(model.config)
     if window > context_length(model.config):
         raise UserError(f"eval.window: {window} is above the model's context of {context_length(model.config)}")
@@ -193,8 +201,8 @@ def main(argv):
     if stride > window:
         raise UserError(f"eval.stride: {stride} is above the window of {window} tokens - tokens would go unscored")
     on_doc, close = dumper(e.dump, e.dump_top_k) if e.dump else (None, None)
-    nll, tokens, n_bytes = evaluate(model, tokenizer, iter_texts(cfg.data.files), window, stride, e.batch_size,
-                                    device, on_doc)
+    nll, tokens, n_bytes = evaluate(model, tokenizer, read_all(cfg.data.files), window, stride, e.batch_size,
+                                    device, cfg.data.loss_on, on_doc)
     if close:
         close()
     print(f"perplexity     {math.exp(nll / tokens):.4f}")

@@ -91,6 +91,7 @@ def main(argv):
         raise UserError("empty prompt - pass --prompt TEXT or pipe text on stdin")
 
     import torch
+    from CHAT import end_of_turn
     from MODEL import DTYPES, context_length, load_pretrained, pick_device
     from TOKENIZER import load_tokenizer
     device = pick_device(cfg.model.device)
@@ -103,8 +104,13 @@ def main(argv):
     context, warned = context_length(model.config), []
     sampling = dict(do_sample=False) if g.greedy or g.temperature == 0 else dict(
         do_sample=True, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
-    if g.stop:
-        sampling.update(stop_strings=g.stop, tokenizer=tokenizer)
+    stops, eos = list(g.stop), [tokenizer.eos_token_id]
+    if g.chat and tokenizer.chat_template:  # a chat model's answer ends at its template's end of turn
+        turn_end, turn_end_id = end_of_turn(tokenizer)
+        eos += [turn_end_id] if turn_end_id is not None else []
+        stops += [turn_end] if turn_end and turn_end_id is None else []  # several tokens: a stop string
+    if stops:
+        sampling.update(stop_strings=stops, tokenizer=tokenizer)
     if g.seed is not None:
         torch.manual_seed(g.seed)
 
@@ -120,16 +126,16 @@ def main(argv):
         for row, (ids, _) in enumerate(fitted):
             input_ids[row, width - len(ids):], mask[row, width - len(ids):] = torch.tensor(ids), 1
         out = model.generate(input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
                              streamer=streamer, **sampling)
         return out[:, width:].tolist()
 
     def prompt_end(ids):
-        return tokenizer.decode(ids, skip_special_tokens=True)[-max(map(len, g.stop), default=0):] if g.stop else ""
+        return tokenizer.decode(ids, skip_special_tokens=True)[-max(map(len, stops), default=0):] if stops else ""
 
     def completion(prompt_ids, new_ids):
-        ids = new_ids[:new_ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new_ids else new_ids
-        return cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), g.stop, prompt_end(prompt_ids))[0], len(ids)
+        ids = new_ids[:min([new_ids.index(e) for e in eos if e in new_ids], default=len(new_ids))]
+        return cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stops, prompt_end(prompt_ids))[0], len(ids)
 
     if g.each_line:  # batched; with --greedy identical to answering the lines one by one
         lines = [line.rstrip("\n") for line in sys.stdin]
@@ -144,7 +150,7 @@ def main(argv):
                 print(json.dumps(record, ensure_ascii=False) if g.jsonl else text.replace("\n", " "), flush=True)
         return
 
-    streamer = make_streamer(tokenizer, g.stop, sys.stdout)
+    streamer = make_streamer(tokenizer, stops, sys.stdout)
     if not interactive:
         generate([encode(tokenizer, prompt, g)], streamer)
         return

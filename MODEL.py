@@ -216,6 +216,14 @@ def load_pretrained(path, dtype, base_model=None, trainable=False, **kw):
                         "corrupt or truncated: copy them again or use another checkpoint")
 
 
+def no_padding_warning():
+    """Batches carry position ids and no attention mask (DATA.collate), which transformers takes for unmasked
+    padding whenever a row starts or ends with the pad id (GPT-2 pads with EOS, which ends every document):
+    that one warning is dropped, nothing else."""
+    import logging
+    logging.getLogger("transformers.modeling_utils").addFilter(lambda r: "attention_mask" not in r.getMessage())
+
+
 def check_attention(impl, device):
     if impl == "flash_attention_2" and (device != "cuda" or importlib.util.find_spec("flash_attn") is None):
         raise UserError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and "

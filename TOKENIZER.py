@@ -31,29 +31,34 @@ def with_pad(tok):
     return tok
 
 
-def train_tokenizer(texts, vocab_size):
-    """A GPT-2-style byte-level BPE trained on an iterator of texts, as a transformers tokenizer."""
+def train_tokenizer(texts, vocab_size, chat=False):
+    """A GPT-2-style byte-level BPE trained on an iterator of texts, as a transformers tokenizer. chat: ChatML's
+    role markers become special tokens (single ids, never split) and the tokenizer carries the ChatML template."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
+    from CHAT import CHATML, CHATML_TOKENS
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
-                            show_progress=False)
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=[EOS] + (CHATML_TOKENS if chat else []), show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS,
-                                  pad_token=EOS, model_max_length=sys.maxsize, clean_up_tokenization_spaces=False)
+                                  pad_token=EOS, model_max_length=sys.maxsize, clean_up_tokenization_spaces=False,
+                                  **({"additional_special_tokens": CHATML_TOKENS} if chat else {}))
+    if chat:
+        tok.chat_template = CHATML
     return tok
 
 
-def cached_bpe(files, vocab_size, cache_dir):
+def cached_bpe(files, vocab_size, cache_dir, chat=False):
     """train_tokenizer on the files, saved under cache_dir and reused while the files are unchanged."""
     from transformers import AutoTokenizer
     from CONFIG import log
     from DATA import fingerprint, iter_texts
-    path = os.path.join(cache_dir, f"bpe-{fingerprint(files, 'bpe', vocab_size)}")
+    path = os.path.join(cache_dir, f"bpe-{fingerprint(files, 'bpe', vocab_size, chat)}")
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         log(f"reusing the BPE tokenizer in {path}")
         return with_pad(AutoTokenizer.from_pretrained(path))
     log(f"training a byte-level BPE tokenizer ({vocab_size} tokens) on {files}")
-    tok = train_tokenizer(iter_texts(files), vocab_size)
+    tok = train_tokenizer(iter_texts(files), vocab_size, chat)
     tmp = f"{path}.tmp-{os.getpid()}"
     tok.save_pretrained(tmp)
     os.replace(tmp, path) if not os.path.exists(path) else shutil.rmtree(tmp)

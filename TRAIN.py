@@ -43,11 +43,13 @@ def setup(cfg, rank0_first):
     """Tokenizer, model and tokenized data for a fresh or resumed run. rank0_first(fn) runs fn on rank 0
     before the other ranks, so caches are written once and then read."""
     import torch
-    from DATA import check_files, evenly_spaced, load
+    from CHAT import with_template
+    from DATA import check_files, check_loss_on, evenly_spaced, load
     from MODEL import build_model, check_source, context_length, load_pretrained, pick_device, quantization
     from TOKENIZER import cached_bpe, load_tokenizer
     m, t = cfg.model, cfg.training
-    check_files(cfg.data.files)
+    check_files(cfg.data.files + cfg.data.val_files)
+    chat = "messages" in check_loss_on(cfg.data.files + cfg.data.val_files, cfg.data.loss_on).values()
     device = pick_device(m.device)
     resume = resume_path(cfg)
     if resume:  # the checkpoint holds the model and tokenizer; model.name is only where it started
@@ -62,7 +64,12 @@ def setup(cfg, rank0_first):
         if cfg.tokenizer.name or not m.from_scratch:
             tokenizer = load_tokenizer(cfg.tokenizer.name or m.name, m.trust_remote_code)
         else:
-            tokenizer = rank0_first(lambda: cached_bpe(cfg.data.files, cfg.tokenizer.vocab_size, cfg.data.cache_dir))
+            tokenizer = rank0_first(lambda: cached_bpe(cfg.data.files, cfg.tokenizer.vocab_size, cfg.data.cache_dir,
+                                                       chat))
+        if chat and not tokenizer.chat_template:
+            log("the tokenizer has no chat template: conversations are rendered with the default ChatML one "
+                "(README: Conversations), saved with the model for INFER.py --chat")
+            with_template(tokenizer)
         model = build_model(m, cfg.lora, tokenizer, device, t.seed)
     context = context_length(model.config)
     if t.max_length is None:
@@ -74,12 +81,30 @@ def setup(cfg, rank0_first):
                         f"{context} tokens - lower --max-length")
     if resume and changed_settings(resume, cfg):
         log(f"note: resuming with settings that differ from the checkpoint's: {'; '.join(changed_settings(resume, cfg))}")
-    tokens, spans, val_tokens, val_spans = rank0_first(lambda: load(cfg.data, tokenizer, t.max_length))
-    if val_spans is not None and len(evenly_spaced(val_spans, t.eval_batches * t.batch_size)) < len(val_spans):
-        log(f"validation scores the same {t.eval_batches * t.batch_size} of its {len(val_spans)} sequences each "
-            f"time (training.eval_batches {t.eval_batches} x batch_size {t.batch_size}); EVAL.py scores all")
-        val_spans = evenly_spaced(val_spans, t.eval_batches * t.batch_size)
-    return device, tokenizer, model, (tokens, spans, val_tokens, val_spans), resume
+    if cfg.data.packing and not keeps_documents_apart(model, device):
+        raise UserError(f"data.packing: {model.config.model_type} lets packed documents attend to each other (it "
+                        "ignores restarting position ids) - use --no-packing")
+    train, val = rank0_first(lambda: load(cfg.data, tokenizer, t.max_length))
+    val_indices = evenly_spaced(len(val), t.eval_batches * t.batch_size) if val else []
+    if val and len(val_indices) < len(val):
+        log(f"validation scores the same {len(val_indices)} of its {len(val)} sequences each time "
+            f"(training.eval_batches {t.eval_batches} x batch_size {t.batch_size}); EVAL.py scores all")
+    return device, tokenizer, model, (train, val, val_indices), resume
+
+
+def keeps_documents_apart(model, device):
+    """Whether the model attends within each packed document only: the second of two packed documents must
+    get the logits it gets alone (transformers builds a block-diagonal mask from restarting position ids
+    in the architectures that use its masking utilities; one that does not would mix documents)."""
+    import torch
+    ids = torch.arange(2, 10, device=device)[None] % model.config.vocab_size
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        alone = model(input_ids=ids[:, 4:], use_cache=False).logits
+        packed = model(input_ids=ids, position_ids=torch.arange(4, device=device).repeat(1, 2), use_cache=False).logits
+    model.train(training)
+    return torch.allclose(alone.float(), packed[:, 4:].float(), atol=1e-4, rtol=1e-4)
 
 
 def shard(model):
@@ -120,9 +145,10 @@ def train(cfg):
     from tqdm import tqdm
     from DATA import collate, gather, sample_indices
     from EVAL import validate
-    from MODEL import pick_dtype
+    from MODEL import no_padding_warning, pick_dtype
     t, out = cfg.training, cfg.output.dir
     transformers.utils.logging.disable_progress_bar()  # our own bar is the one progress line
+    no_padding_warning()
     rank, world, local_rank = init_distributed()
     master = rank == 0  # only rank 0 logs, writes metrics and checkpoints
     barrier = dist.barrier if world > 1 else (lambda: None)
@@ -139,7 +165,7 @@ def train(cfg):
         result = fn() if master else None
         barrier()
         return result if master else fn()
-    device, tokenizer, raw_model, (tokens, spans, val_tokens, val_spans), resume = setup(cfg, rank0_first)
+    device, tokenizer, raw_model, (data, val_data, val_indices), resume = setup(cfg, rank0_first)
     device = f"cuda:{local_rank}" if device == "cuda" and world > 1 else device
     if getattr(raw_model, "hf_quantizer", None) is None:  # a 4-bit QLoRA base is already on its GPU
         raw_model.to(device)
@@ -177,10 +203,10 @@ def train(cfg):
         torch.manual_seed(t.seed + rank)  # dropout masks differ between ranks
 
     global_batch = t.batch_size * t.grad_accum * world
-    total_steps = t.max_steps or math.ceil(t.epochs * len(spans) / global_batch)
+    total_steps = t.max_steps or math.ceil(t.epochs * len(data) / global_batch)
     n_params = sum(p.numel() for p in raw_model.parameters())
     n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | {len(spans)} sequences | "
+    log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | {len(data)} sequences | "
         f"global batch {global_batch} = {t.batch_size} x {t.grad_accum} accum x {world} ranks | "
         f"{total_steps} steps ({CONFIG.warmup_of(t.warmup_steps, total_steps)} warmup) at peak lr {t.learning_rate:g} | "
         f"{device} {str(ptdtype)[6:]}")
@@ -238,19 +264,19 @@ def train(cfg):
         lr = lr_at(step, t, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = sample_indices(position, global_batch, len(spans), t.seed)  # the global batch, same on all ranks
-        lengths = spans[idx, 1] - spans[idx, 0]
+        idx = sample_indices(position, global_batch, len(data), t.seed)  # the global batch, same on all ranks
         # normalise by the target tokens of the whole global batch (every rank can count them, no all-reduce),
         # so accumulation and ranks == one big batch. DDP averages gradients over ranks: undo that with / world.
-        n_targets, n_tokens = max(1, int(lengths.sum()) - len(idx)), n_tokens + int(lengths.sum())
-        micro = [collate(gather(tokens, spans, idx[(m * world + rank) * t.batch_size:][:t.batch_size]),
+        n_targets, n_tokens = max(1, int(data.targets[idx].sum())), n_tokens + int(data.lengths[idx].sum())
+        micro = [collate(gather(data, idx[(m * world + rank) * t.batch_size:][:t.batch_size]),
                          tokenizer.pad_token_id) for m in range(t.grad_accum)]  # this rank's share of each micro-step
         for m, batch in enumerate(micro):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if world > 1:
                 sync_grads(m == t.grad_accum - 1)
             with autocast:
-                loss = model(**batch, num_items_in_batch=torch.tensor(n_targets / world, device=device)).loss
+                loss = model(**batch, num_items_in_batch=torch.tensor(n_targets / world, device=device),
+                             use_cache=False).loss
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
         scaler.unscale_(optimizer)
@@ -284,17 +310,17 @@ def train(cfg):
             if bar.disable and master:  # no terminal (a log file, CI): a plain line instead of the progress bar
                 log(f"step {step}/{total_steps} loss {row['loss']:.4f} lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s")
             t0, n_tokens, loss_sum, logged = time.perf_counter(), 0, torch.zeros((), device=device), 0
-        if val_spans is not None and ((t.eval_every and step % t.eval_every == 0) or last):
+        if val_data and ((t.eval_every and step % t.eval_every == 0) or last):
             v0 = time.perf_counter()
-            val = validate(raw_model if world > 1 and not t.fsdp else model, val_tokens, val_spans, t.batch_size,
+            val = validate(raw_model if world > 1 and not t.fsdp else model, val_data, val_indices, t.batch_size,
                            tokenizer.pad_token_id, device, autocast, rank, world)
             val_time, t0 = val_time + time.perf_counter() - v0, t0 + time.perf_counter() - v0  # tok/s: training only
-            row = {"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 700)), "val_sequences": len(val_spans),
+            row = {"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 700)), "val_sequences": len(val_indices),
                    "val_share": val_time / (time.perf_counter() - run_start)}
             if master:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-                bar.write(f"step {step}: validation loss {val:.4f}, perplexity {row['val_ppl']:.2f} ({len(val_spans)} "
+                bar.write(f"step {step}: validation loss {val:.4f}, perplexity {row['val_ppl']:.2f} ({len(val_indices)} "
                           f"sequences; validation is {row['val_share']:.0%} of the wall time so far)", file=sys.stderr)
             if t.save_best and val < best_val:
                 best_val = val

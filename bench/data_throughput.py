@@ -40,8 +40,8 @@ def child(code, *args):
 OURS = """from DATA import token_cache
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained(sys.argv[2])
-tokens, ends = token_cache([sys.argv[3]], tok, sys.argv[4])
-print('TOKENS', len(tokens))"""
+corpus = token_cache([sys.argv[3]], tok, sys.argv[4])
+print('TOKENS', len(corpus.tokens))"""
 
 BASELINE = """import os
 from datasets import load_dataset
@@ -115,15 +115,17 @@ def main():
           f"MB (budget 2048 MB), {statistics.median(r['tokens_per_s'] for r in rows[1:]):.0f} tok/s")
 
     import numpy as np
-    from DATA import collate, gather, sample_indices, spans
+    from DATA import collate, gather, sample_indices, sequences
     from transformers import AutoTokenizer
     from DATA import token_cache
-    tokens, ends = token_cache([big], AutoTokenizer.from_pretrained(tok_dir), cache)
-    blocks = spans(ends, 0, len(ends), 256, packing=True)
+    corpus = token_cache([big], AutoTokenizer.from_pretrained(tok_dir), cache)
+    t = time.perf_counter()
+    blocks = sequences(corpus, 0, len(corpus.ends), 256, packing=True)
+    print(f"packing {len(corpus.ends)} documents into {len(blocks)} blocks: {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
     for step in range(50):
         idx = sample_indices(step * 8, 8, len(blocks), 1337)
-        collate(gather(tokens, blocks, idx), 0)
+        collate(gather(blocks, idx), 0)
     loader = (time.perf_counter() - t) / 50
     step_time = 8 * 256 / statistics.median(r["tokens_per_s"] for r in rows[1:])
     print(f"data loader: {loader * 1e3:.1f} ms per step of {step_time * 1e3:.0f} ms ({loader / step_time:.1%}); "

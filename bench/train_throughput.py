@@ -4,10 +4,11 @@
     python bench/train_throughput.py [--steps 12] [--repeats 3] [--sizes small,medium] [--dtypes float32,bfloat16]
 
 Identical work on both sides: a from-scratch GPT-2 (small ~12M, medium ~50M parameters), the same
-tokenizer (a 4096-token BPE of data/), the same packed 256-token blocks of data/, batch 8, AdamW
+tokenizer (a 4096-token BPE of data/), the same packed blocks of <= 256 tokens of data/ (documents kept
+apart, TRAIN.py's collation), batch 8, AdamW
 (lr 3e-4, betas 0.9/0.95, weight decay 0.1), warmup + cosine, gradient clipping 1.0, the same autocast
 precision, CPU. Each side runs in a fresh process, alternating, --repeats times; a run's speed is the
-median step time after its first two steps, and the figure is the median over runs.
+median of its steps' real tokens/s after its first two steps, and the figure is the median over runs.
 Roofline: achieved FLOP/s (6 x params + 12 x layers x width x block per token, nanoGPT's estimate)
 as a fraction of a plain matmul of the model's shapes measured at the same dtype in this process.
 """
@@ -28,17 +29,18 @@ BATCH, BLOCK = 8, 256
 TRAINER = """import json, statistics, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
-from DATA import gather, spans, token_cache
+from DATA import collate, gather, sequences, token_cache
 tok_dir, arch, steps, dtype, work = sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
 tok = AutoTokenizer.from_pretrained(tok_dir)
-tokens, ends = token_cache(["data/train.txt", "data/train.jsonl"], tok, work + "/cache")
-packed = spans(ends, 0, len(ends), %d, True)
-blocks = [b for b in gather(tokens, packed, range(len(packed))) if len(b) == %d]
+corpus = token_cache(["data/train.txt", "data/train.jsonl"], tok, work + "/cache")
+data = gather(sequences(corpus, 0, len(corpus.ends), %d, True), range(%d))  # TRAIN.py's packed blocks
 torch.manual_seed(0)
 config = AutoConfig.for_model("gpt2", n_positions=%d, vocab_size=len(tok), **arch)
 model = AutoModelForCausalLM.from_config(config)
-data = [{"input_ids": b, "labels": b} for b in blocks]
-times = []
+times, tokens = [], []
+def collator(batch):  # TRAIN.py's collation; the real tokens of each step, for tokens/s as TRAIN.py counts them
+    tokens.append(sum(len(ids) for ids, _, _ in batch))
+    return collate(batch, tok.pad_token_id)
 class Clock(TrainerCallback):
     def on_step_begin(self, *a, **k): self.t = time.perf_counter()
     def on_step_end(self, *a, **k): times.append(time.perf_counter() - self.t)
@@ -46,8 +48,8 @@ args = TrainingArguments(output_dir=work + "/trainer", per_device_train_batch_si
     learning_rate=3e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, warmup_steps=2, lr_scheduler_type="cosine",
     max_grad_norm=1.0, bf16=dtype == "bfloat16", use_cpu=True, report_to=[], save_strategy="no", logging_steps=1000,
     dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch")
-Trainer(model=model, args=args, train_dataset=data, callbacks=[Clock()]).train()
-print("STEP", statistics.median(times[2:]))""" % (BLOCK, BLOCK, BLOCK, BATCH)
+Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Clock()]).train()
+print("TOKS", statistics.median(n / t for n, t in zip(tokens[2:], times[2:])))""" % (BLOCK, 10**6, BLOCK, BATCH)
 
 
 def ours(tok_dir, arch, steps, dtype, work):
@@ -59,7 +61,7 @@ def ours(tok_dir, arch, steps, dtype, work):
                     "--device", "cpu", "--log-every", "1", "--save-every", "0"],
                    cwd=ROOT, check=True, capture_output=True)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return statistics.median(BATCH * BLOCK / r["tokens_per_s"] for r in rows[2:])
+    return statistics.median(r["tokens_per_s"] for r in rows[2:])
 
 
 def trainer(tok_dir, arch, steps, dtype, work):
@@ -67,7 +69,7 @@ def trainer(tok_dir, arch, steps, dtype, work):
                        cwd=ROOT, capture_output=True, text=True)
     if r.returncode:
         sys.exit(r.stderr[-3000:])
-    return float(r.stdout.split("STEP ")[-1])
+    return float(r.stdout.split("TOKS ")[-1])
 
 
 def matmul_flops(d, dtype, repeats=20):
@@ -112,11 +114,11 @@ def main():
             for _ in range(args.repeats):
                 a.append(ours(tok_dir, arch, args.steps, dtype, work))
                 b.append(trainer(tok_dir, arch, args.steps, dtype, work))
-            t_ours, t_hf = statistics.median(a), statistics.median(b)
-            achieved = flops_per_token * BATCH * BLOCK / t_ours
+            ours_tps, hf_tps = statistics.median(a), statistics.median(b)
+            achieved = flops_per_token * ours_tps
             peak = matmul_flops(d, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
-            print(f"{size:>6} {n_params / 1e6:5.1f}M {dtype:>9} {BATCH * BLOCK / t_ours:11.0f} {BATCH * BLOCK / t_hf:9.0f} "
-                  f"{t_hf / t_ours:6.2f} {achieved / 1e12:8.3f} {peak / 1e12:7.3f} {achieved / peak:8.2f}", flush=True)
+            print(f"{size:>6} {n_params / 1e6:5.1f}M {dtype:>9} {ours_tps:11.0f} {hf_tps:9.0f} "
+                  f"{ours_tps / hf_tps:6.2f} {achieved / 1e12:8.3f} {peak / 1e12:7.3f} {achieved / peak:8.2f}", flush=True)
 
 
 if __name__ == "__main__":

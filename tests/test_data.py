@@ -3,19 +3,23 @@ import pytest
 import torch
 
 from CONFIG import UserError
-from DATA import check_files, collate, count_targets, read_texts, sample_indices
+from DATA import check_files, collate, count_targets, plain, read_samples, sample_indices
+
+
+def texts(path):
+    return [(where.split("/")[-1], sample["text"]) for _, sample, where in read_samples(str(path))]
 
 
 def test_txt_is_one_sample_per_non_empty_line(tmp_path):
     p = tmp_path / "a.txt"
     p.write_text("first line\n\n   \nsecond line\r\n")
-    assert list(read_texts(str(p))) == [(1, "first line"), (4, "second line")]
+    assert texts(p) == [("a.txt:1", "first line"), ("a.txt:4", "second line")]
 
 
 def test_jsonl_reads_the_text_field_and_ignores_others(tmp_path):
     p = tmp_path / "a.jsonl"
     p.write_text('{"text": "hello", "id": 1}\n\n{"text": "line\\nbreak"}\n')
-    assert list(read_texts(str(p))) == [(1, "hello"), (3, "line\nbreak")]
+    assert texts(p) == [("a.jsonl:1", "hello"), ("a.jsonl:3", "line\nbreak")]
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -31,7 +35,7 @@ def test_bad_lines_name_file_and_line(tmp_path, name, content, message):
     p = tmp_path / name
     p.write_bytes(content)
     with pytest.raises(UserError, match=message):
-        list(read_texts(str(p)))
+        list(read_samples(str(p)))
 
 
 def test_check_files_rejects_missing_directory_and_unknown_type(tmp_path):
@@ -46,10 +50,10 @@ def test_check_files_rejects_missing_directory_and_unknown_type(tmp_path):
 
 def test_eos_is_a_target_and_pads_are_masked_by_position():
     eos = 0  # GPT-2 style: the pad id IS the eos id
-    batch = collate([[5, 6, 7, eos], [8, eos]], pad_id=eos)
+    batch = collate([plain([5, 6, 7, eos]), plain([8, eos])], pad_id=eos)
     assert batch["input_ids"].tolist() == [[5, 6, 7, eos], [8, eos, eos, eos]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
-    assert batch["labels"].tolist() == [[5, 6, 7, eos], [8, eos, -100, -100]]  # real EOS kept, pads masked
+    assert batch["labels"].tolist() == [[-100, 6, 7, eos], [-100, eos, -100, -100]]  # real EOS kept, pads masked
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]  # the pads: a segment of their own
     assert count_targets(batch) == 3 + 1
 
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from CONFIG import DataCfg
-from DATA import load, spans, token_cache
+from DATA import Corpus, gather, load, sequences, token_cache
 from conftest import train
 
 
@@ -26,13 +26,13 @@ def write(path, lines):
 def test_cache_is_reused_and_rebuilt_when_a_file_or_tokenizer_changes(tmp_path, tok, capsys):
     data = write(tmp_path / "a.txt", ["the cat sat", "a dog ran far away"])
     cache = str(tmp_path / "cache")
-    tokens, ends = token_cache([data], tok, cache)
+    first = token_cache([data], tok, cache)
     assert "tokenized 2 documents" in capsys.readouterr().err
-    again, _ = token_cache([data], tok, cache)
-    assert "reusing token cache" in capsys.readouterr().err and np.array_equal(tokens, again)
+    again = token_cache([data], tok, cache)
+    assert "reusing token cache" in capsys.readouterr().err and np.array_equal(first.tokens, again.tokens)
     write(tmp_path / "a.txt", ["the cat sat", "a dog ran far away", "one more line"])
-    _, ends3 = token_cache([data], tok, cache)
-    assert "tokenized 3 documents" in capsys.readouterr().err and len(ends3) == 3
+    third = token_cache([data], tok, cache)
+    assert "tokenized 3 documents" in capsys.readouterr().err and len(third.ends) == 3
     tok2 = AutoTokenizer.from_pretrained(tok.name_or_path)
     tok2.add_tokens(["<new>"])
     token_cache([data], tok2, cache)
@@ -40,36 +40,57 @@ def test_cache_is_reused_and_rebuilt_when_a_file_or_tokenizer_changes(tmp_path, 
     assert len([d for d in os.listdir(cache) if ".tmp-" not in d]) == 3
 
 
-def test_cache_holds_every_document_with_eos(tmp_path, tok):
+def test_cache_holds_every_document_with_eos_and_its_targets(tmp_path, tok):
     lines = ["the cat sat", "a dog ran far away", "x"]
-    tokens, ends = token_cache([write(tmp_path / "a.txt", lines)], tok, str(tmp_path / "c"))
+    c = token_cache([write(tmp_path / "a.txt", lines)], tok, str(tmp_path / "c"))
     expected = [tok(t)["input_ids"] + [tok.eos_token_id] for t in lines]
-    assert tokens.tolist() == sum(expected, []) and ends.tolist() == np.cumsum([len(e) for e in expected]).tolist()
+    assert c.tokens.tolist() == sum(expected, []) and c.ends.tolist() == np.cumsum([len(e) for e in expected]).tolist()
+    assert c.mask.tolist() == sum(([0] + [1] * (len(e) - 1) for e in expected), [])  # all but a document's first
+    assert not c.whole.any()  # plain text may be cut into pieces when packed
 
 
-@pytest.mark.parametrize("n_tokens, max_length", [(1000, 16), (10, 16), (17, 16), (16, 16), (2, 16)])
-def test_packing_keeps_every_token(n_tokens, max_length):
-    """Blocks overlap by one token, so every token but the first is a target exactly once, none dropped."""
-    ends = np.array([3, 7, n_tokens]) if n_tokens > 7 else np.array([n_tokens])
-    blocks = spans(ends, 0, len(ends), max_length, packing=True)
-    assert blocks[0, 0] == 0 and blocks[-1, 1] == n_tokens
-    assert all(b - a <= max_length for a, b in blocks)
-    assert sum(b - a - 1 for a, b in blocks) == n_tokens - 1  # targets in = tokens out
-    targets = [t for a, b in blocks for t in range(a + 1, b)]
-    assert targets == list(range(1, n_tokens))
+def corpus(lengths, whole=False):
+    """Tokens numbered by position, plain-text targets (all but each document's first token)."""
+    ends = np.cumsum(lengths)
+    mask = np.ones(ends[-1], dtype=np.uint8)
+    mask[np.concatenate([[0], ends[:-1]])] = 0
+    return Corpus(np.arange(ends[-1]), mask, ends, np.full(len(lengths), whole))
+
+
+@pytest.mark.parametrize("lengths, max_length", [([3, 4, 993], 16), ([10], 16), ([3, 4, 10], 16), ([16], 16),
+                                                 ([2], 16), ([5, 5, 5, 5, 5], 12), ([20, 3, 30], 8)])
+def test_packing_keeps_every_target_once_and_documents_whole(lengths, max_length):
+    """Documents fill blocks of <= max_length side by side, never split unless longer than a block (then in
+    pieces overlapping by one token), so every token but a document's first is a target exactly once."""
+    c = corpus(lengths)
+    seqs = sequences(c, 0, len(lengths), max_length, packing=True)
+    rows = gather(seqs, range(len(seqs)))
+    assert all(len(ids) <= max_length for ids, _, _ in rows)
+    targets = sorted(int(t) for _, labels, _ in rows for t in labels if t != -100)
+    assert targets == [i for i in range(c.ends[-1]) if c.mask[i]]
+    assert seqs.targets.tolist() == [int((labels != -100).sum()) for _, labels, _ in rows]
+    seen = {}  # token -> [(row, position)]
+    for row, (ids, _, positions) in enumerate(rows):
+        for t, p in zip(ids.tolist(), positions.tolist()):
+            seen.setdefault(t, []).append((row, p))
+    for start, n in zip([0, *c.ends[:-1]], lengths):  # a document that fits a block is in one row, from position 0
+        if n <= max_length:
+            row = seen[start][0][0]
+            assert [seen[t] for t in range(start, start + n)] == [[(row, k)] for k in range(n)]
 
 
 def test_per_sample_mode_is_one_truncated_sequence_per_document():
-    ends = np.array([5, 30, 32])
-    assert spans(ends, 0, 3, 10, packing=False).tolist() == [[0, 5], [5, 15], [30, 32]]
+    seqs = sequences(corpus([5, 25, 2]), 0, 3, 10, packing=False)
+    assert seqs.segments.tolist() == [[0, 5], [5, 15], [30, 32]] and seqs.offsets.tolist() == [0, 1, 2, 3]
+    assert sequences(corpus([5, 25, 2]), 0, 3, 10, packing=False, too_long="drop").segments.tolist() == [[0, 5], [30, 32]]
 
 
 def test_validation_fraction_holds_out_the_last_documents(tmp_path, tok):
     data = write(tmp_path / "a.txt", [f"line number {i} of the file" for i in range(20)])
     cfg = DataCfg(files=[data], packing=False, val_fraction=0.25, cache_dir=str(tmp_path / "c"))
-    tokens, train_spans, val_tokens, val_spans = load(cfg, tok, 64)
-    assert len(train_spans) == 15 and len(val_spans) == 5
-    assert val_spans[0, 0] == train_spans[-1, 1]  # disjoint, in file order
+    train_seqs, val_seqs = load(cfg, tok, 64)
+    assert len(train_seqs) == 15 and len(val_seqs) == 5
+    assert val_seqs.segments[0, 0] == train_seqs.segments[-1, 1]  # disjoint, in file order
 
 
 def test_validation_perplexity_is_exact_over_unequal_samples(tmp_path, trained):
