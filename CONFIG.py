@@ -136,7 +136,8 @@ class InferCfg:
     each_line: bool = opt(False, "every stdin line is a prompt, answered in order (batched)")
     jsonl: bool = opt(False, "with --each-line: one JSON object per prompt (prompt, completion, token counts)")
     batch_size: int = opt(8, "prompts generated together with --each-line", min=1)
-    chat: bool = opt(False, "apply the tokenizer's chat template to the prompt")
+    chat: bool = opt(False, "apply the tokenizer's chat template to the prompt (as training rendered it) and stop at "
+                            "its end of turn")
     system: Optional[str] = opt(None, "system message for --chat")
 
 

@@ -5,6 +5,9 @@
     python INFER.py --model out --each-line --jsonl < prompts.txt   # one answer per line, batched
     python INFER.py --model out                                     # at a terminal: a "> " loop until Ctrl-D
     python INFER.py --model chat-model --chat --system "Be brief." --prompt "Hi" --stop "User:"
+
+--chat renders the prompt with the tokenizer's chat template, exactly as TRAIN.py rendered conversations,
+and stops at the template's end of turn (e.g. <|im_end|>) as well as at EOS.
 """
 import json
 import sys

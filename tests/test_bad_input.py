@@ -25,6 +25,8 @@ def files(tmp):
     (tmp / "notmodel").mkdir()
     (tmp / "emptyout").mkdir()
     (tmp / "fake.gguf").write_text("not a GGUF file\n")
+    (tmp / "noanswer.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    (tmp / "mixed.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"text": "c"}\n')
 
 
 CASES = [
@@ -57,6 +59,12 @@ CASES = [
     ("bad override key", "TRAIN.py", ["--config-overrides", "{{n_layers: 2}}"], None,
      "'n_layers' is not a setting of gpt2 - did you mean 'n_layer'?"),
     ("scratch arch unknown", "TRAIN.py", ["--model", "gtp2", "--from-scratch"], None, "not an architecture"),
+    ("conversation without answer", "TRAIN.py", ["--data", "{t}/noanswer.jsonl"], None,
+     "{t}/noanswer.jsonl:1: the conversation has no assistant message"),
+    ("two kinds in one file", "TRAIN.py", ["--data", "{t}/mixed.jsonl"], None,
+     "{t}/mixed.jsonl:2: a text sample in a file of prompt samples (line 1)"),
+    ("assistant loss on text", "TRAIN.py", ["--loss-on", "assistant"], None,
+     "data.loss_on: assistant needs conversations or prompt/completion pairs, but data/train.txt holds plain text"),
     ("float16 on cpu", "TRAIN.py", ["--dtype", "float16", "--device", "cpu"], None, "not supported for training on CPU"),
     ("empty prompt", "INFER.py", ["--model", "{m}", "--prompt", "  "], None, "empty prompt"),
     ("empty stdin", "INFER.py", ["--model", "{m}"], "", "empty prompt"),
