@@ -115,6 +115,8 @@ class TrainingCfg:
     fsdp: bool = opt(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard)")
     compile: bool = opt(False, "torch.compile the model (falls back to eager, with a warning, where it cannot)")
     grad_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, more time")
+    deterministic: bool = opt(False, "deterministic algorithms only (torch.use_deterministic_algorithms): "
+                                     "repeatable to the bit on GPUs, somewhat slower")
 
 
 @dataclass

@@ -160,6 +160,9 @@ def train(cfg):
         prepare_out_dir(cfg)
     barrier()
     torch.manual_seed(t.seed)
+    if t.deterministic:  # cuBLAS needs a fixed workspace for repeatable matmuls (set before its first use)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
 
     def rank0_first(fn):
         result = fn() if master else None
@@ -303,6 +306,8 @@ def train(cfg):
             dt = time.perf_counter() - t0
             row = {"step": step, "loss": loss_sum.item() / logged / world, "lr": lr, "grad_norm": norm.item(),
                    "tokens_per_s": n_tokens / dt, "skipped_steps": bad_steps}
+            if device_type == "cuda":  # peak GPU memory so far, against params + grads + AdamW state
+                row["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             if master:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
