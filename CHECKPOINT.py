@@ -1,20 +1,33 @@
 """Checkpoints: the on-disk format of a training run, written atomically and read back safely.
 
 OUT/ckpt-step-N/ is a save_pretrained directory (config.json, model.safetensors, tokenizer files) plus
-train_config.yaml and training_state.pt (optimizer, GradScaler, RNG, step, data position: tensors and
-plain data only, read with weights_only=True). A checkpoint is written to .tmp-… and renamed into place
-when complete, so the newest ckpt-step-N is always whole.
+train_config.yaml and training_state.pt (the run's Progress, optimizer, GradScaler and RNG states:
+tensors and plain data only, read with weights_only=True). A checkpoint is written to a temporary
+sibling, flushed to disk and renamed into place when complete (ATOMIC.py), so the newest ckpt-step-N
+is always whole, even after a power cut.
 """
+import dataclasses
 import json
 import os
 import re
 import shutil
 
 import CONFIG
+from ATOMIC import clear_stale, replacing
 from CONFIG import UserError, log
 
 STATE = "training_state.pt"
 CONFIG_FILE = "train_config.yaml"
+FULL = dict(full_state_dict=True, cpu_offload=True)
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: the training state that training_state.pt stores beside optimizer, scaler and RNG."""
+    step: int = 0                  # optimizer steps taken
+    position: int = 0              # global sample index in the seeded order (DATA.sample_indices)
+    bad_steps: int = 0             # non-finite steps in a row
+    best_val: float = float("inf")  # lowest validation loss so far (--save-best)
 
 
 def checkpoints(out_dir):
@@ -30,27 +43,51 @@ def checkpoints(out_dir):
 def write_model_dir(path, model, tokenizer, cfg, state=None, state_dict=None):
     """Write a loadable model directory to a temporary sibling, then rename it into place (atomic)."""
     import torch
-    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{os.path.basename(path)}-{os.getpid()}")
-    old = path + f".old-{os.getpid()}"  # a same-named predecessor (ckpt-best), kept until the new one is in place
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
-            fh.write(CONFIG.dump(cfg))
-        if state is not None:
-            torch.save(state, os.path.join(tmp, STATE))
-        if os.path.exists(path):
-            os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        with replacing(path) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
+                fh.write(CONFIG.dump(cfg))
+            if state is not None:
+                torch.save(state, os.path.join(tmp, STATE))
     except Exception as e:  # OSError from Python, SafetensorError/RuntimeError from the writers' native code
-        shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.exists(old) and not os.path.exists(path):
-            os.rename(old, path)
         reason = getattr(e, "strerror", None) or e
         raise UserError(f"{path}: could not write the checkpoint ({reason}) - free disk space or fix "
                         "permissions; the previous checkpoint is intact")
+
+
+def save(out, name, model, tokenizer, cfg, progress, optimizer, scaler, device, fsdp, rank, world, keep_last):
+    """Write OUT/name, a complete checkpoint (collective under torchrun: every rank calls it; rank 0 writes)."""
+    import torch
+    import torch.distributed as dist
+    weights, optim_state = full_state(model, optimizer) if fsdp else (None, optimizer.state_dict())
+    rng = [torch.get_rng_state()]
+    if world > 1:  # every rank's dropout RNG, so a resume on as many ranks continues exactly
+        local = rng[0].to(device)  # NCCL gathers GPU tensors only; on CPU this is a no-op
+        rng = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(rng, local)
+        rng = [r.cpu() for r in rng]
+    path = os.path.join(out, name)
+    if rank == 0:
+        state = {**dataclasses.asdict(progress), "optimizer": optim_state, "scaler": scaler.state_dict(),
+                 "rng_cpu": rng, "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        write_model_dir(path, model, tokenizer, cfg, state, weights)
+        for _, stale in checkpoints(out)[:-keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
+    if world > 1:
+        dist.barrier()  # nobody goes on before the checkpoint is complete
+    return path
+
+
+def full_state(model, optimizer):
+    """FSDP: (full model state dict, optimizer state keyed by parameter index, as optimizer.state_dict() is),
+    gathered to rank 0 (collective). The checkpoint format is then the same for plain, DDP and FSDP runs."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    weights = get_model_state_dict(model, options=StateDictOptions(**FULL))  # rank 0 gets it, the others {}
+    for tied in getattr(model, "all_tied_weights_keys", None) or {}:  # as save_pretrained: one copy
+        weights.pop(tied, None)
+    return weights, full_optimizer_state(model, optimizer)
 
 
 def save_final(out_dir, model, tokenizer, cfg, state_dict=None):
@@ -66,13 +103,7 @@ def prepare_out_dir(cfg):
     """Refuse to start over a previous run unless told to; clear half-written checkpoints of killed runs."""
     out = cfg.output.dir
     os.makedirs(out, exist_ok=True)
-    for name in os.listdir(out):
-        original = os.path.join(out, name.split(".old-")[0])
-        if ".old-" in name and not os.path.exists(original):  # killed between the two renames: put it back
-            os.rename(os.path.join(out, name), original)
-        elif name.startswith(".tmp-") or ".old-" in name:
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-            log(f"removed incomplete checkpoint {os.path.join(out, name)} left by an interrupted run")
+    clear_stale(out)
     previous = [p for _, p in checkpoints(out)] + [p for p in ("model.safetensors", "adapter_model.safetensors")
                                                    if os.path.exists(os.path.join(out, p))]
     if cfg.training.resume is None and previous:
@@ -121,7 +152,8 @@ def changed_settings(path, cfg):
 
 
 def load_state(path, optimizer, scaler, rank=0, world=1, fsdp_model=None):
-    """Restore optimizer, scaler and RNG from training_state.pt. weights_only=True: tensors and plain data only."""
+    """Restore optimizer, scaler and RNG from training_state.pt and return the run's Progress.
+    weights_only=True: tensors and plain data only."""
     import pickle
     import torch
     try:
@@ -152,10 +184,7 @@ def load_state(path, optimizer, scaler, rank=0, world=1, fsdp_model=None):
     except (KeyError, ValueError, RuntimeError) as e:
         raise UserError(f"{path}/{STATE}: does not match the model ({str(e).splitlines()[0][:160]}) - resume with the "
                         "checkpoint's own model directory, or start fresh")
-    return state
-
-
-FULL = dict(full_state_dict=True, cpu_offload=True)
+    return Progress(**{f.name: state.get(f.name, f.default) for f in dataclasses.fields(Progress)})
 
 
 def full_optimizer_state(model, optimizer):

@@ -4,27 +4,22 @@ Every setting is a field of a dataclass below; nothing else names a setting. A f
 is the YAML key `training: {batch_size: …}` and the flag `--batch-size` (or `--training.batch-size`).
 Precedence: field default < YAML file (--config, default ./config.yaml) < command-line flags.
 
+This file is the schema (read it top to bottom: sections, then the defaults that depend on the run's
+purpose) and load(), what every script calls. The generic machinery that turns any such schema into
+YAML keys, flags, type checks and "did you mean" errors is FLAGS.py.
+
     python CONFIG.py --print-config        # the resolved config of the training scripts
 """
-import argparse
-import dataclasses
-import difflib
 import math
 import os
 import sys
-import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import yaml
 
-
-def opt(default, help, *, flag=None, min=None, above=None, at_most=None):
-    """A schema field: its default, help text, optional flag name and range limits."""
-    meta = dict(help=help, flag=flag, min=min, above=above, at_most=at_most)
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+import FLAGS
+from FLAGS import UserError, log, opt, suggest  # noqa: F401 (the project imports them from here)
 
 
 @dataclass
@@ -105,7 +100,8 @@ class TrainingCfg:
     save_every: int = opt(100, "write a checkpoint every N optimizer steps (0 = only at the end)", min=0)
     keep_last: int = opt(3, "checkpoints to keep (older ones are deleted)", min=1)
     log_every: int = opt(10, "log loss, lr and tokens/s every N steps", min=1)
-    resume: Optional[str] = opt(None, "'auto' (newest complete checkpoint in the output dir) or a checkpoint path")
+    resume: Optional[str] = opt(None, "'auto' (newest complete checkpoint in the output dir) or a checkpoint path",
+                                const="auto")
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row", min=1)
     eval_every: int = opt(0, "compute validation loss every N steps (0 = only at the end, when there is val data)",
                           min=0)
@@ -235,265 +231,74 @@ EVAL_SECTIONS = ("model", "data", "eval")
 EXPORT_SECTIONS = ("model", "export")
 
 
-def log(*a):
-    """Diagnostics to stderr (stdout is for generated text). Under torchrun only rank 0 speaks."""
-    if os.environ.get("RANK", "0") == "0":
-        print(*a, file=sys.stderr, flush=True)
-
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line on stderr with exit code 2, no traceback."""
-
-
-# ---------------------------------------------------------------- schema walking
-
-def leaves(sections):
-    """[(section, dataclass field, python type)] for every setting of the given sections."""
-    hints = typing.get_type_hints(Config)
-    out = []
-    for sec in sections:
-        cls = hints[sec]
-        types = typing.get_type_hints(cls)
-        out += [(sec, f, types[f.name]) for f in dataclasses.fields(cls)]
-    return out
-
-
-def base_type(typ):
-    """X for Optional[X], else typ."""
-    return typing.get_args(typ)[0] if typing.get_origin(typ) is typing.Union else typ
-
-
-def flag_of(sec, f):
-    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
-
-
-def convert(value, typ, key):
-    """Check/convert one value against its schema type; raise UserError naming the key."""
-    if typing.get_origin(typ) is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        typ = typing.get_args(typ)[0]
-    if typing.get_origin(typ) is Literal:
-        choices = typing.get_args(typ)
-        if value not in choices:
-            raise UserError(f"{key}: {value!r} is not one of {list(choices)}")
-        return value
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{key}: expected true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise UserError(f"{key}: expected an integer, got {value!r}")
-    if typ is float:
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise UserError(f"{key}: expected a number, got {value!r}")
-    if typ is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise UserError(f"{key}: expected a string, got {value!r}")
-    if typ is list:
-        value = [value] if isinstance(value, str) else value
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        raise UserError(f"{key}: expected a list of strings, got {value!r}")
-    if typ is dict:
-        if isinstance(value, dict):
-            return value
-        raise UserError(f"{key}: expected a mapping like '{{a: 1, b: 2}}', got {value!r}")
-    raise TypeError(f"schema type {typ} of {key} is not handled")
-
-
-def check_range(value, f, key):
-    m = f.metadata
-    if value is None or isinstance(value, (bool, str, list, dict)):
-        return
-    if m["min"] is not None and value < m["min"]:
-        raise UserError(f"{key}: must be >= {m['min']}, got {value!r}")
-    if m["above"] is not None and value <= m["above"]:
-        raise UserError(f"{key}: must be > {m['above']}, got {value!r}")
-    if m["at_most"] is not None and value > m["at_most"]:
-        raise UserError(f"{key}: must be <= {m['at_most']}, got {value!r}")
-
-
-def suggest(name, candidates):
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return f" - did you mean '{close[0]}'?" if close else ""
-
-
-# ---------------------------------------------------------------- YAML + flags
-
-def read_yaml(path):
+def need(module, feature, pip_name=None):
+    """Import an optional package, or fail in one line saying what needs it and what to pip install."""
+    import importlib
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file not found - pass an existing file to --config")
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a YAML config file - pass a file to --config")
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{where}: YAML does not parse ({problem}) - fix the syntax on that line")
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of sections (model:, training:, …) at the top level")
-    return data
-
-
-def build(raw, sections, source):
-    """Nested dict -> Config, collecting every problem before raising one UserError."""
-    errors, cfg = [], Config()
-    all_keys = [f"{s}.{f.name}" for s, f, _ in leaves(sections)]
-    for sec, values in raw.items():
-        if sec not in sections:
-            hint = suggest(sec, list(sections))
-            if not hint and not isinstance(values, dict):  # a bare key at the top level
-                owner = [k for k in all_keys if k.endswith("." + str(sec))]
-                hint = f" - it belongs at '{owner[0]}'" if owner else suggest(str(sec), all_keys)
-            errors.append(f"unknown key '{sec}'{hint}")
-            continue
-        if not isinstance(values, dict):
-            errors.append(f"{sec}: expected a mapping of settings, got {values!r}")
-            continue
-        names = {f.name: (f, t) for s, f, t in leaves([sec])}
-        for key, value in values.items():
-            if key not in names:
-                errors.append(f"unknown key '{sec}.{key}'{suggest(f'{sec}.{key}', all_keys)}")
-                continue
-            f, typ = names[key]
-            try:
-                value = convert(value, typ, f"{sec}.{key}")
-                check_range(value, f, f"{sec}.{key}")
-                setattr(getattr(cfg, sec), key, value)
-            except UserError as e:
-                errors.append(str(e))
-    errors += rules(cfg) if not errors and "training" in sections else []
-    if errors:
-        raise UserError(f"{source}: " + "; ".join(errors))
-    return cfg
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports errors in one line and suggests the closest flag."""
-
-    def error(self, message):
-        if "unrecognized arguments" in message:
-            flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
-            bad = message.split(": ", 1)[1].split()[0].split("=")[0]
-            message = f"unknown flag {bad}{suggest(bad, flags)} (see --help)"
-        raise UserError(message)
-
-
-def flag_value(typ, key):
-    """argparse `type=` for a flag: the text is read as YAML for numbers/mappings, kept verbatim for strings."""
-    def parse(text):
-        base = base_type(typ)
-        if base is str:
-            return text
-        try:
-            value = yaml.safe_load(text) if base is not dict or text.strip().startswith("{") else dict(
-                kv.split("=", 1) for kv in text.split(","))  # run_clm.py style: n_layer=4,n_embd=256
-            if base is dict:
-                value = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in value.items()}
-        except (yaml.YAMLError, ValueError):
-            raise argparse.ArgumentTypeError(f"{key}: cannot read {text!r}")
-        try:
-            return convert(value, typ, key)
-        except UserError as e:
-            raise argparse.ArgumentTypeError(str(e))
-    return parse
-
-
-def make_parser(sections, description, config_default):
-    p = Parser(description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default=config_default, help="YAML config file")
-    p.add_argument("--print-config", action="store_true", default=False, help="print the resolved config and exit")
-    p.add_argument("--debug", action="store_true", default=False, help="show tracebacks for errors")
-    flat = [flag_of(s, f) for s, f, _ in leaves(sections)]
-    for sec, f, typ in leaves(sections):
-        key = f"{sec}.{f.name}"
-        names = [flag_of(sec, f)] if flat.count(flag_of(sec, f)) == 1 else []
-        names.append(f"--{sec}.{f.name.replace('_', '-')}")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = dict(dest=key, help=f"{f.metadata['help']} [{key}] (default: {default})")
-        if base_type(typ) is bool:
-            p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
-        elif typ is list:  # --data a b --data c gives [a, b, c]
-            p.add_argument(*names, nargs="+", action="extend", metavar=key.split(".")[1].upper(), **kw)
-        elif key == "training.resume":
-            p.add_argument(*names, nargs="?", const="auto", metavar="auto|PATH", **kw)
-        else:
-            p.add_argument(*names, type=flag_value(typ, key), metavar=key.split(".")[1].upper(), **kw)
-    return p
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{feature} needs the {pip_name or module} package - pip install {pip_name or module}")
 
 
 def load(argv, sections=TRAIN_SECTIONS, description=None, config_default="config.yaml"):
-    """Parse flags and the YAML file into a Config; returns (cfg, flags set on the command line, --debug).
+    """Parse flags and the YAML file into a Config; returns (cfg, the keys set on the command line, --debug).
 
     config_default (TRAIN.py's config.yaml, the default experiment) is read only when the command names
     neither --config nor --model: a --model means the user's own run, which gets the defaults of its
     purpose (PURPOSE_DEFAULTS), not the demo's settings. One log line says which applies."""
-    args = vars(make_parser(sections, description, config_default).parse_args(argv))
+    args = vars(FLAGS.make_parser(Config, sections, description, config_default).parse_args(argv))
     path, print_config, debug = args.pop("config"), args.pop("print_config"), args.pop("debug")
     explicit = any(a == "--config" or a.startswith("--config=") for a in argv)
-    if not explicit and (path is None or "model.name" in args or not os.path.exists(path)):
+    if not explicit and ("model.name" in args or not (path and os.path.exists(path))):
         path = None
-    raw = read_yaml(path) if path else {}
+    raw = with_flags(FLAGS.read_yaml(path) if path else {}, args)
+    cfg = FLAGS.build(Config, raw, sections, f"{path} + flags" if path else "flags", rules)
+    summary, notes = resolve_purpose(cfg, path, config_default) if "training" in sections else (None, {})
+    if print_config:
+        print((f"# {summary}\n" if summary else "") + dump(cfg, sections, notes), end="")
+        sys.exit(0)
+    if summary:
+        log(summary)
+    return cfg, set(args), debug
+
+
+def with_flags(raw, args):
+    """The YAML's nested dict with the command line's values written over it."""
     # A --model on the command line means "start from that model's weights" unless --from-scratch is given
     # too, so `python TRAIN.py --config my.yaml --model DIR` fine-tunes DIR even if my.yaml trains from scratch.
     if "model.name" in args and "model.from_scratch" not in args and isinstance(raw.get("model"), dict):
         raw["model"] = {k: v for k, v in raw["model"].items() if k not in ("from_scratch", "config_overrides")}
     for key, value in args.items():
         sec, name = key.split(".")
-        raw.setdefault(sec, {})
-        if not isinstance(raw[sec], dict):
-            raw[sec] = {}
+        raw[sec] = raw[sec] if isinstance(raw.get(sec), dict) else {}
         raw[sec][name] = value
-    cfg = build(raw, sections, f"{path} + flags" if path else "flags")
-    if "training" in sections:
-        filled = apply_purpose(cfg)
-        source = (f"config: {path}" if path else "config: built-in defaults" + (
-            f" ({config_default}, the default experiment, is read only when the command names no --model; "
-            f"--config {config_default} to use it)" if config_default and os.path.exists(config_default) else ""))
-        chosen = ", ".join(f"{k.split('.')[1]}={yaml.safe_dump(v).split(chr(10))[0]}" for k, v in filled.items())
-        summary = f"{source} | purpose: {purpose(cfg)}" + (f", so {chosen}" if chosen else "")
-        notes = {k: f"{purpose(cfg)} default" for k in filled}
-        if cfg.training.max_length is None:
-            notes["training.max_length"] = f"the model's context, at most {MAX_LENGTH_CAP}"
-        if print_config:
-            print(f"# {summary}\n{dump(cfg, sections, notes)}", end="")
-            sys.exit(0)
-        log(summary)
-    if print_config:
-        print(dump(cfg, sections), end="")
-        sys.exit(0)
-    return cfg, set(args), debug
+    return raw
+
+
+def resolve_purpose(cfg, path, config_default):
+    """Fill the purpose's defaults into cfg: (the log line saying which config and defaults apply, the notes
+    that mark them in --print-config)."""
+    filled = apply_purpose(cfg)
+    source = f"config: {path}" if path else "config: built-in defaults" + (
+        f" ({config_default}, the default experiment, is read only when the command names no --model; "
+        f"--config {config_default} to use it)" if config_default and os.path.exists(config_default) else "")
+    chosen = ", ".join(f"{k.split('.')[1]}={yaml.safe_dump(v).split(chr(10))[0]}" for k, v in filled.items())
+    notes = {k: f"{purpose(cfg)} default" for k in filled}
+    if cfg.training.max_length is None:
+        notes["training.max_length"] = f"the model's context, at most {MAX_LENGTH_CAP}"
+    return f"{source} | purpose: {purpose(cfg)}" + (f", so {chosen}" if chosen else ""), notes
+
+
+def leaves(sections):
+    return FLAGS.leaves(Config, sections)
 
 
 def to_dict(cfg, sections=TRAIN_SECTIONS):
-    d = dataclasses.asdict(cfg)
-    return {s: d[s] for s in sections}
+    return FLAGS.to_dict(cfg, sections)
 
 
 def dump(cfg, sections=TRAIN_SECTIONS, notes=None):
-    """The config as YAML; notes {"section.key": text} become comments on those keys' lines."""
-    lines, sec = [], None
-    for line in yaml.safe_dump(to_dict(cfg, sections), sort_keys=False).splitlines(keepends=True):
-        sec = line.split(":")[0] if not line.startswith(" ") else sec
-        key = f"{sec}.{line.strip().split(':')[0]}" if line.startswith("  ") and line[2] not in " -" else None
-        lines.append(f"{line.rstrip()}  # {notes[key]}\n" if notes and key in notes else line)
-    return "".join(lines)
+    return FLAGS.dump(cfg, sections, notes)
 
 
 def main_guard(main):

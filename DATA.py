@@ -11,12 +11,12 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import time
 
 import numpy as np
 import torch
 
+from ATOMIC import replacing
 from CHAT import encode, parse, texts_of
 from CONFIG import UserError, log
 
@@ -125,46 +125,52 @@ def token_cache(paths, tokenizer, cache_dir, loss_on=None, chunk=4096):
     ends.bin (int64), as nanoGPT's train.bin plus document boundaries and targets. Streams: one chunk of
     samples in memory at a time. Reused while files, tokenizer, template and loss_on are unchanged."""
     path = os.path.join(cache_dir, fingerprint(paths, tokenizer_fingerprint(tokenizer), loss_on, CACHE_FORMAT))
-    if not os.path.exists(os.path.join(path, "meta.json")):
-        dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
-        tmp = f"{path}.tmp-{os.getpid()}"
-        os.makedirs(tmp, exist_ok=True)
-        n_tokens, counts, buf, t0 = 0, {p: 0 for p in paths}, [], time.time()
-        files = [open(os.path.join(tmp, f), "wb") for f in ("tokens.bin", "mask.bin", "ends.bin")]
-
-        def flush():
-            nonlocal n_tokens
-            docs = encode(buf, tokenizer, loss_on)
-            lengths = np.fromiter(map(len, (d[0] for d in docs)), dtype=np.int64, count=len(docs))
-            for column, out_dtype in ((0, dtype), (1, np.uint8)):
-                np.fromiter(itertools.chain.from_iterable(d[column] for d in docs), dtype=out_dtype,
-                            count=int(lengths.sum())).tofile(files[column])
-            (n_tokens + np.cumsum(lengths)).tofile(files[2])
-            n_tokens += int(lengths.sum())
-            buf.clear()
-        for p in paths:
-            for kind, sample, where in read_samples(p):
-                buf.append((kind, sample, where))
-                counts[p] += 1
-                if len(buf) == chunk:
-                    flush()
-        if buf:
-            flush()
-        for fh in files:
-            fh.close()
-        with open(os.path.join(tmp, "meta.json"), "w") as fh:
-            json.dump({"files": [{"path": p, "kind": file_kind(p), "documents": counts[p]} for p in paths],
-                       "tokens": n_tokens, "documents": sum(counts.values()), "dtype": np.dtype(dtype).name}, fh)
-        os.replace(tmp, path) if not os.path.exists(path) else shutil.rmtree(tmp)
-        log(f"tokenized {sum(counts.values())} documents, {n_tokens} tokens in {time.time() - t0:.1f}s -> {path}")
-    else:
+    if os.path.exists(os.path.join(path, "meta.json")):
         log(f"reusing token cache {path}")
+    else:
+        t0 = time.time()
+        with replacing(path) as tmp:
+            n_docs, n_tokens = write_cache(tmp, paths, tokenizer, loss_on, chunk)
+        log(f"tokenized {n_docs} documents, {n_tokens} tokens in {time.time() - t0:.1f}s -> {path}")
     meta = json.load(open(os.path.join(path, "meta.json")))
     whole = np.repeat([f["kind"] != "text" for f in meta["files"]], [f["documents"] for f in meta["files"]])
     return Corpus(np.memmap(os.path.join(path, "tokens.bin"), dtype=meta["dtype"], mode="r", shape=(meta["tokens"],)),
                   np.memmap(os.path.join(path, "mask.bin"), dtype=np.uint8, mode="r", shape=(meta["tokens"],)),
                   np.memmap(os.path.join(path, "ends.bin"), dtype=np.int64, mode="r", shape=(meta["documents"],)),
                   whole.astype(bool))
+
+
+def write_cache(tmp, paths, tokenizer, loss_on, chunk):
+    """Stream the files through CHAT.encode into the cache folder `tmp`, one chunk of samples at a time.
+    -> (documents, tokens)"""
+    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+    os.makedirs(tmp)
+    n_tokens, counts, buf = 0, {p: 0 for p in paths}, []
+    with open(os.path.join(tmp, "tokens.bin"), "wb") as tok_fh, open(os.path.join(tmp, "mask.bin"), "wb") as mask_fh, \
+            open(os.path.join(tmp, "ends.bin"), "wb") as end_fh:
+
+        def flush():
+            nonlocal n_tokens
+            docs = encode(buf, tokenizer, loss_on)
+            lengths = np.fromiter(map(len, (d[0] for d in docs)), dtype=np.int64, count=len(docs))
+            for column, fh, out_dtype in ((0, tok_fh, dtype), (1, mask_fh, np.uint8)):
+                np.fromiter(itertools.chain.from_iterable(d[column] for d in docs), dtype=out_dtype,
+                            count=int(lengths.sum())).tofile(fh)
+            (n_tokens + np.cumsum(lengths)).tofile(end_fh)
+            n_tokens += int(lengths.sum())
+            buf.clear()
+        for p in paths:
+            for sample in read_samples(p):
+                buf.append(sample)
+                counts[p] += 1
+                if len(buf) == chunk:
+                    flush()
+        if buf:
+            flush()
+    with open(os.path.join(tmp, "meta.json"), "w") as fh:
+        json.dump({"files": [{"path": p, "kind": file_kind(p), "documents": counts[p]} for p in paths],
+                   "tokens": n_tokens, "documents": sum(counts.values()), "dtype": np.dtype(dtype).name}, fh)
+    return sum(counts.values()), n_tokens
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import os
 import sys
 
 import CONFIG
-from CONFIG import UserError, log
+from CONFIG import UserError, log, need
 
 
 def windows(n, window, stride):
@@ -144,12 +144,8 @@ def plot_metrics(out_dir):
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise UserError(f"{path}: no metrics to plot - pass the --out directory of a training run")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("the loss plot needs matplotlib - pip install matplotlib")
+    need("matplotlib", "the loss plot").use("Agg")
+    import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(path) if line.strip()]
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))
     ax.plot([r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r], label="train loss")
@@ -180,16 +176,9 @@ def main(argv):
     check_files(cfg.data.files)
     chat = "messages" in check_loss_on(cfg.data.files, cfg.data.loss_on).values()
 
-    import torch
-    from MODEL import DTYPES, context_length, load_pretrained, no_padding_warning, pick_device
+    from MODEL import context_length, load_for_use, no_padding_warning
     no_padding_warning()
-    from TOKENIZER import load_tokenizer
-    device = pick_device(cfg.model.device)
-    dtype = {"auto": torch.float32, **DTYPES}[cfg.model.dtype]
-    model = load_pretrained(cfg.model.name, dtype, base_model=cfg.model.base_model,
-                            attn_implementation=cfg.model.attn_implementation,
-                            trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
-    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    model, tokenizer, device = load_for_use(cfg.model, "score")
     if chat and not tokenizer.chat_template:
         from CHAT import with_template
         log("the tokenizer has no chat template: conversations are rendered with the default ChatML one")

@@ -11,21 +11,12 @@ reading it back with transformers and, when llama-cpp-python is installed, by ge
 A LoRA adapter directory is merged into its base first. A failed check is an error, never a silent success.
 """
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 
 import CONFIG
-from CONFIG import UserError, log
-
-
-def need(module, pip_name):
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"this export needs {pip_name} - pip install {pip_name}")
+from CONFIG import UserError, log, need
 
 
 def logits_module(model):
@@ -82,8 +73,8 @@ def export_torchscript(module, inputs, path):
 
 def export_onnx(module, inputs, path):
     import torch
-    need("onnxscript", "onnxscript")
-    ort = need("onnxruntime", "onnxruntime")
+    need("onnxscript", "the ONNX export")
+    ort = need("onnxruntime", "the ONNX export")
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     with torch.no_grad():
         torch.onnx.export(module, inputs[0], path, dynamo=True, input_names=["input_ids", "attention_mask"],
@@ -98,13 +89,11 @@ def export_onnx(module, inputs, path):
     return max(diffs), 1e-4, "onnxruntime (CPUExecutionProvider)"
 
 
-def export(model, cfg, path, stem):
+def export(model, tokenizer, cfg, path, stem):
     """Write `path` and check it in its runtime: (the file's description, what was verified)."""
     e = cfg.export
     if e.format == "gguf":
         import GGUF
-        from TOKENIZER import load_tokenizer
-        tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
         GGUF.write(model, tokenizer, path, e.quant, os.path.basename(stem))
         return f"gguf {e.quant}", "; ".join(GGUF.verify(model, tokenizer, path, e.quant, e.min_agreement))
     module, inputs = logits_module(model), examples(model.config.vocab_size)
@@ -131,29 +120,27 @@ def main(argv):
     if os.path.exists(path) and not e.overwrite:
         raise UserError(f"--out {path}: already exists - pass --overwrite to replace it, or choose another --out")
 
-    import torch
-    from MODEL import load_pretrained
-    model = load_pretrained(cfg.model.name, torch.float32, base_model=cfg.model.base_model,
-                            attn_implementation="eager" if e.format == "torchscript" else cfg.model.attn_implementation,
-                            trust_remote_code=cfg.model.trust_remote_code)
+    from ATOMIC import fsync, fsync_folder, scratch
+    from MODEL import load_for_use
+    if e.format == "torchscript":  # tracing needs plain attention ops
+        cfg.model.attn_implementation = "eager"
+    model, tokenizer, _ = load_for_use(cfg.model, "export")
     if hasattr(model, "merge_and_unload"):  # a LoRA adapter: fold it into the base first
         model = model.merge_and_unload()
-    # written and checked in a scratch folder beside --out, moved there only once verified: a failed export
-    # leaves nothing that looks like a good file, and never replaces one
+    # written and checked in a scratch folder beside --out (ATOMIC's temporary sibling), moved there only once
+    # verified: a failed export leaves nothing that looks like a good file, and never replaces one
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
-    try:
-        work = os.path.join(scratch, os.path.basename(path))
+    with scratch(parent, "export") as tmp:
+        work = os.path.join(tmp, os.path.basename(path))
         try:
-            kind, checks = export(model.eval(), cfg, work, stem)
+            kind, checks = export(model, tokenizer, cfg, work, stem)
         except UserError as err:
             raise UserError(f"{path}: {str(err).replace(work, path).removeprefix(path + ': ')} - nothing was written")
-        size = sum(os.path.getsize(os.path.join(scratch, f)) for f in os.listdir(scratch))
-        for f in os.listdir(scratch):  # the file, plus ONNX's external weights for a model over 2 GB
-            os.replace(os.path.join(scratch, f), os.path.join(parent, f))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        fsync(tmp)
+        size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+        for f in os.listdir(tmp):  # the file, plus ONNX's external weights for a model over 2 GB
+            os.replace(os.path.join(tmp, f), os.path.join(parent, f))
+        fsync_folder(parent)
     log(f"wrote {path} ({size / 1e6:.1f} MB, {kind}); verified: {checks}")
 
 

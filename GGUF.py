@@ -4,7 +4,7 @@ file reads back to what was written and runs in llama.cpp. Used by EXPORT.py --f
 package is imported only here."""
 import os
 
-from CONFIG import UserError, log
+from CONFIG import UserError, log, need
 
 PROMPTS = ["The", "Once upon a time, there was", "It is a truth universally acknowledged that",
            "1, 2, 3, 4,", "\n\nChapter"]
@@ -132,10 +132,7 @@ def roundtrip(name, array, quant, gguf):
 
 def write(model, tokenizer, path, quant, name):
     """The GGUF file: architecture metadata, the tokenizer, then every tensor at its type."""
-    try:
-        import gguf
-    except ImportError:
-        raise UserError("--format gguf needs the gguf package - pip install gguf")
+    gguf = need("gguf", "--format gguf")
     from MODEL import context_length
     c = model.config
     check_arch(c)

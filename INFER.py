@@ -95,15 +95,8 @@ def main(argv):
 
     import torch
     from CHAT import end_of_turn
-    from MODEL import DTYPES, context_length, load_pretrained, pick_device
-    from TOKENIZER import load_tokenizer
-    device = pick_device(cfg.model.device)
-    dtype = {"auto": torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32,
-             **DTYPES}[cfg.model.dtype]
-    model = load_pretrained(cfg.model.name, dtype, base_model=cfg.model.base_model,
-                            attn_implementation=cfg.model.attn_implementation,
-                            trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
-    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    from MODEL import context_length, load_for_use
+    model, tokenizer, device = load_for_use(cfg.model, "generate")
     context, warned = context_length(model.config), []
     sampling = dict(do_sample=False) if g.greedy or g.temperature == 0 else dict(
         do_sample=True, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)

@@ -9,7 +9,7 @@ import urllib.parse
 
 import torch
 
-from CONFIG import UserError, suggest
+from CONFIG import UserError, log, need, suggest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,15 +34,37 @@ def cpu_has_native_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def pick_dtype(name, device):
-    """The autocast precision. auto: bf16 on CUDA and CPUs that have it, fp16 on older CUDA, else fp32."""
+def pick_dtype(name, device, purpose):
+    """The precision that --dtype names, for a purpose. auto means: to "train", autocast to bf16 where the
+    hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp16 on older CUDA, else fp32;
+    to "generate" (INFER.py), bf16 weights on CUDA with bf16, else fp32; to "score" (EVAL.py) and "export"
+    (EXPORT.py), fp32, for exact numbers. Asking for bf16 on a CPU without native bf16 gets a warning."""
+    device = device.split(":")[0]
     if name == "auto":
-        if device == "cuda":
+        if purpose == "train" and device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if device == "cpu" and cpu_has_native_bf16() else torch.float32
-    if name == "float16" and device == "cpu":
+        if purpose == "train" and device == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.bfloat16 if purpose == "generate" and device == "cuda" and torch.cuda.is_bf16_supported() \
+            else torch.float32
+    if name == "float16" and device == "cpu" and purpose == "train":
         raise UserError("--dtype float16 is not supported for training on CPU - use bfloat16 or float32")
+    if name == "bfloat16" and device == "cpu" and not cpu_has_native_bf16():
+        log("warning: --dtype bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX): matmuls run about 30x "
+            "slower than float32 here - use --dtype float32 (or auto)")
     return DTYPES[name]
+
+
+def load_for_use(mcfg, purpose):
+    """The one way INFER.py ("generate"), EVAL.py ("score") and EXPORT.py ("export") load a model: a local
+    directory, hub id, .gguf file or LoRA adapter directory, with its tokenizer, in the precision --dtype
+    means for the purpose, on its device, in eval mode. -> (model, tokenizer, device)"""
+    from TOKENIZER import load_tokenizer
+    device = pick_device(mcfg.device)
+    check_attention(mcfg.attn_implementation, device)
+    model = load_pretrained(mcfg.name, pick_dtype(mcfg.dtype, device, purpose), base_model=mcfg.base_model,
+                            attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code)
+    return model.to(device).eval(), load_tokenizer(mcfg.name, mcfg.trust_remote_code), device
 
 
 def hub_reachable(timeout=3.0):
@@ -79,8 +101,7 @@ def check_source(name, what="model"):
     if name.endswith(".gguf"):
         if not os.path.isfile(name):
             raise UserError(f"{name}: no such GGUF file - check the path")
-        if importlib.util.find_spec("gguf") is None:
-            raise UserError(f"{name}: reading a GGUF file needs the gguf package - pip install gguf")
+        need("gguf", f"{name}: reading a GGUF file")
         return
     if os.path.isdir(name):
         if what == "model" and not any(os.path.exists(os.path.join(name, f)) for f in ("config.json", ADAPTER)):
@@ -99,10 +120,6 @@ def check_source(name, what="model"):
 
 
 ADAPTER = "adapter_config.json"
-# LoRA's default targets: the attention and MLP projections, by architecture family
-LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
-                **{family: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-                   for family in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")}}
 
 
 def build_model(mcfg, lcfg, tokenizer, device, seed):
@@ -114,9 +131,7 @@ def build_model(mcfg, lcfg, tokenizer, device, seed):
     if (lcfg.enabled or lcfg.qlora) and mcfg.from_scratch:
         raise UserError("--lora adapts a pretrained model - pass --model DIR or a hub id without --from-scratch")
     if not mcfg.from_scratch:
-        q = quantization(lcfg, device)
-        model = load_pretrained(mcfg.name, torch.float32, quantization_config=q, **kw)
-        model = model if q else model.to(device)  # a 4-bit model is placed on the GPU as it loads
+        model = load_pretrained(mcfg.name, torch.float32, quantization_config=quantization(lcfg, device), **kw)
         return add_lora(model, lcfg, mcfg.name) if lcfg.enabled or lcfg.qlora else model
     if os.path.isdir(mcfg.name):
         config = AutoConfig.from_pretrained(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
@@ -140,14 +155,14 @@ def build_model(mcfg, lcfg, tokenizer, device, seed):
     except (ValueError, TypeError, AssertionError) as e:
         raise UserError(f"model.config_overrides: {mcfg.config_overrides} do not make a valid "
                         f"{config.model_type} ({str(e).splitlines()[0]})")
-    return model.to(device)
+    return model
 
 
 def quantization(lcfg, device):
     """QLoRA's 4-bit NF4 base (double quantisation, bf16 compute), or None."""
     if not lcfg.qlora:
         return None
-    if device != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+    if not device.startswith("cuda") or importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("--qlora needs a CUDA GPU and `pip install bitsandbytes` (4-bit NF4 base) - "
                         "--lora works here, on any device")
     from transformers import BitsAndBytesConfig
@@ -155,20 +170,14 @@ def quantization(lcfg, device):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def peft():
-    try:
-        import peft
-    except ImportError:
-        raise UserError("LoRA needs the peft package - pip install peft")
-    return peft
-
-
 def add_lora(model, lcfg, base):
     """peft's LoraConfig + get_peft_model; only the adapter parameters are trainable."""
-    p = peft()
+    p = need("peft", "LoRA")
     if lcfg.qlora:
         model = p.prepare_model_for_kbit_training(model)
-    targets = lcfg.target_modules or LORA_TARGETS.get(model.config.model_type, "all-linear")
+    # peft's all-linear: every linear layer but the output head (GPT-2's c_attn/c_proj/c_fc, llama's
+    # q/k/v/o and gate/up/down projections, phi3's fused qkv_proj/gate_up_proj alike)
+    targets = lcfg.target_modules or ["all-linear"]
     config = p.LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, bias=lcfg.bias,
                           target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
     try:
@@ -194,7 +203,8 @@ def load_pretrained(path, dtype, base_model=None, trainable=False, **kw):
             raise UserError(f"{path}/{ADAPTER}: names no base model - pass --base-model DIR")
         model = load_pretrained(base, dtype, **kw)
         try:
-            return peft().PeftModel.from_pretrained(model, path, is_trainable=trainable)
+            return need("peft", "a LoRA adapter directory").PeftModel.from_pretrained(model, path,
+                                                                                       is_trainable=trainable)
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
             raise UserError(f"{path}: could not load the LoRA adapter onto {base} ({str(e).splitlines()[0][:160]})")
     logging.disable_progress_bar()  # no "Loading weights" bar: stderr is for our own messages
@@ -222,6 +232,21 @@ def no_padding_warning():
     that one warning is dropped, nothing else."""
     import logging
     logging.getLogger("transformers.modeling_utils").addFilter(lambda r: "attention_mask" not in r.getMessage())
+
+
+def keeps_documents_apart(model, device):
+    """Whether the model attends within each packed document only: the second of two packed documents must
+    get the logits it gets alone (transformers builds a block-diagonal mask from restarting position ids
+    in the architectures that use its masking utilities; one that does not would mix documents)."""
+    import torch
+    ids = torch.arange(2, 10, device=device)[None] % model.config.vocab_size
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        alone = model(input_ids=ids[:, 4:], use_cache=False).logits
+        packed = model(input_ids=ids, position_ids=torch.arange(4, device=device).repeat(1, 2), use_cache=False).logits
+    model.train(training)
+    return torch.allclose(alone.float(), packed[:, 4:].float(), atol=1e-4, rtol=1e-4)
 
 
 def check_attention(impl, device):

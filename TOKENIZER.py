@@ -1,6 +1,5 @@
 """Tokenizers: load a model's tokenizer (with a pad token), or train a byte-level BPE for a scratch model."""
 import os
-import shutil
 import sys
 
 from CONFIG import UserError
@@ -51,6 +50,7 @@ def train_tokenizer(texts, vocab_size, chat=False):
 def cached_bpe(files, vocab_size, cache_dir, chat=False):
     """train_tokenizer on the files, saved under cache_dir and reused while the files are unchanged."""
     from transformers import AutoTokenizer
+    from ATOMIC import replacing
     from CONFIG import log
     from DATA import fingerprint, iter_texts
     path = os.path.join(cache_dir, f"bpe-{fingerprint(files, 'bpe', vocab_size, chat)}")
@@ -59,7 +59,6 @@ def cached_bpe(files, vocab_size, cache_dir, chat=False):
         return with_pad(AutoTokenizer.from_pretrained(path))
     log(f"training a byte-level BPE tokenizer ({vocab_size} tokens) on {files}")
     tok = train_tokenizer(iter_texts(files), vocab_size, chat)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    tok.save_pretrained(tmp)
-    os.replace(tmp, path) if not os.path.exists(path) else shutil.rmtree(tmp)
+    with replacing(path) as tmp:
+        tok.save_pretrained(tmp)
     return tok

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 import CONFIG
+import FLAGS
 from CONFIG import UserError, load
 from conftest import ROOT, run
 
@@ -104,7 +105,7 @@ def test_help_lists_every_flag_with_its_default():
     r = run("TRAIN.py", "--help")
     assert r.returncode == 0
     for sec, f, _ in CONFIG.leaves(CONFIG.TRAIN_SECTIONS):
-        assert CONFIG.flag_of(sec, f) in r.stdout
+        assert FLAGS.flag_of(sec, f) in r.stdout
     assert "(default: 8)" in r.stdout  # training.batch_size
 
 
@@ -118,6 +119,6 @@ def test_unknown_flag_is_one_line_exit_2_no_traceback():
 def test_readme_documents_every_flag():
     readme = open(os.path.join(ROOT, "README.md")).read()
     sections = set(CONFIG.TRAIN_SECTIONS + CONFIG.INFER_SECTIONS + CONFIG.EVAL_SECTIONS + CONFIG.EXPORT_SECTIONS)
-    missing = [CONFIG.flag_of(s, f) for s, f, _ in CONFIG.leaves(sorted(sections))
-               if f"`{CONFIG.flag_of(s, f)}" not in readme]
+    missing = [FLAGS.flag_of(s, f) for s, f, _ in CONFIG.leaves(sorted(sections))
+               if f"`{FLAGS.flag_of(s, f)}" not in readme]
     assert not missing

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import CONFIG
+import FLAGS
 from CONFIG import UserError, load
 from DATA import collate, count_targets, evenly_spaced, gather, held_out
 from TRAIN import lr_at
@@ -24,7 +25,7 @@ def at_root(monkeypatch):
 
 def test_config_yaml_is_the_default_experiment_when_no_model_is_named(at_root):
     cfg, _, _ = load([])
-    demo = CONFIG.read_yaml("config.yaml")
+    demo = FLAGS.read_yaml("config.yaml")
     assert cfg.model.from_scratch and cfg.training.learning_rate == demo["training"]["learning_rate"]
     assert cfg.data.packing is demo["data"]["packing"] and cfg.training.max_length == demo["training"]["max_length"]
 
