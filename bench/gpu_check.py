@@ -323,6 +323,7 @@ def main():
     import torch
     import transformers
     work = args.work or tempfile.mkdtemp(prefix="llm-mini-gpu-check-")
+    os.makedirs(work, exist_ok=True)
     ctx = Ctx(args.quick, work, args.smollm2)
     head = {"device": ctx.name, "torch": torch.__version__, "transformers": transformers.__version__,
             "cuda": torch.version.cuda, "quick": args.quick, "peak_bf16_tflops": peak_tflops(ctx.name)}

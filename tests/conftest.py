@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "tiny.yaml")
@@ -27,3 +28,29 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "out"
     train(out)
     return out
+
+
+def weights(path):
+    """A saved model's tensors, by name."""
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def same_weights(a, b, rtol=0.0, atol=0.0):
+    """Whether two saved models hold the same tensors: bit for bit by default, else to the tolerance."""
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=rtol, atol=atol) if rtol or atol
+                                          else torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def reference_nll(path, texts):
+    """(Σ NLL, scored tokens) of plain texts, each its tokens + EOS, one at a time, with transformers' own loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    nll, n = 0.0, 0
+    for t in texts:
+        ids = torch.tensor([tok(t)["input_ids"] + [tok.eos_token_id]])
+        with torch.no_grad():
+            nll += model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+        n += ids.shape[1] - 1
+    return nll, n

@@ -1,9 +1,13 @@
 """Every kind of bad input: one line on stderr naming the file/line or key and the fix, exit 2, no traceback."""
+import importlib
+import io
 import shutil
+import sys
 
 import pytest
 
-from conftest import TINY, run
+from CONFIG import UserError
+from conftest import ROOT, TINY, run
 
 LONG_LINE = "word " * 400
 
@@ -84,16 +88,39 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("script, args, stdin, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line(tmp_path, trained, script, args, stdin, message):
+def argv_of(script, args, tmp_path, trained):
+    fill = dict(t=tmp_path, m=trained)
     files(tmp_path)
     corrupt = tmp_path / "corrupt"
     shutil.copytree(trained / "ckpt-step-3", corrupt)
     data = (corrupt / "model.safetensors").read_bytes()
     (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated mid-copy
-    fill = dict(t=tmp_path, m=trained)
     base = ["--config", TINY, "--out", tmp_path / "out"] if script == "TRAIN.py" else []
-    r = run(script, *base, *[a.format(**fill) for a in args], stdin=stdin if stdin is not None else "x")
+    return [str(a) for a in base] + [a.format(**fill) for a in args], fill
+
+
+@pytest.mark.parametrize("script, args, stdin, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_a_user_error_naming_the_problem(tmp_path, trained, monkeypatch, script, args, stdin, message):
+    """In-process, for speed: each case raises the one UserError that main_guard prints as one line."""
+    argv, fill = argv_of(script, args, tmp_path, trained)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin if stdin is not None else "x"))
+    main = importlib.import_module(script.removesuffix(".py")).main
+    with pytest.raises(UserError) as e:
+        main(argv)
+    assert message.format(**fill) in str(e.value)
+
+
+CONTRACT = ["missing data file", "unknown flag", "yaml syntax", "conversation without answer", "corrupt safetensors",
+            "not a gguf", "export an existing file"]
+
+
+@pytest.mark.parametrize("script, args, stdin, message", [c[1:] for c in CASES if c[0] in CONTRACT],
+                         ids=[c[0] for c in CASES if c[0] in CONTRACT])
+def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path, trained, script, args, stdin, message):
+    """The contract, for a few cases of each script as a real process: exit 2, one error line, no traceback."""
+    argv, fill = argv_of(script, args, tmp_path, trained)
+    r = run(script, *argv, stdin=stdin if stdin is not None else "x")
     assert r.returncode == 2, r.stderr
     assert message.format(**fill) in r.stderr
     assert "Traceback" not in r.stderr

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from CHAT import CHATML, encode, end_of_turn
 from CONFIG import UserError
-from DATA import Corpus, collate, gather, iter_texts, read_samples, sequences, token_cache
+from DATA import collate, gather, iter_texts, read_samples, sequences, token_cache
 from TOKENIZER import train_tokenizer
 from conftest import run, train
 

@@ -1,5 +1,6 @@
 """CONFIG.py: one schema drives YAML keys, flags, defaults, validation and the saved copy."""
 import os
+import typing
 
 import pytest
 import yaml
@@ -122,3 +123,23 @@ def test_readme_documents_every_flag():
     missing = [FLAGS.flag_of(s, f) for s, f, _ in CONFIG.leaves(sorted(sections))
                if f"`{FLAGS.flag_of(s, f)}" not in readme]
     assert not missing
+
+
+@pytest.mark.parametrize("value, typ, expected", [
+    ("1e-3", float, 1e-3), (2, float, 2.0), (3, int, 3), (True, bool, True), ("x", str, "x"), (5, str, "5"),
+    ("a.txt", list, ["a.txt"]), (["a", "b"], list, ["a", "b"]), ({"n": 1}, dict, {"n": 1}),
+    (None, typing.Optional[int], None), ("sdpa", typing.Literal["sdpa", "eager"], "sdpa"),
+])
+def test_convert_accepts(value, typ, expected):
+    assert FLAGS.convert(value, typ, "k") == expected
+
+
+@pytest.mark.parametrize("value, typ, message", [
+    ("two", int, "expected an integer"), (1.5, int, "expected an integer"), (True, int, "expected an integer"),
+    ("yes", bool, "expected true or false"), ("x", float, "expected a number"), (True, float, "expected a number"),
+    ([1], list, "expected a list of strings"), ("n=1", dict, "expected a mapping"),
+    ("flash", typing.Literal["sdpa", "eager"], "is not one of"), ([], str, "expected a string"),
+])
+def test_convert_refuses_naming_the_key(value, typ, message):
+    with pytest.raises(UserError, match=f"k: .*{message}|k: {message}"):
+        FLAGS.convert(value, typ, "k")

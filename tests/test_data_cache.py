@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from CONFIG import DataCfg
 from DATA import Corpus, gather, load, sequences, token_cache
-from conftest import train
+from conftest import train, reference_nll
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +102,7 @@ def test_validation_perplexity_is_exact_over_unequal_samples(tmp_path, trained):
     train(out, "--resume", trained / "ckpt-step-6", "--max-steps", "7", "--val-data", val, "--batch-size", "3")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     val_loss = [r for r in rows if "val_loss" in r][-1]
-    model, tok = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
-    nll = n = 0
-    for t in texts:
-        ids = torch.tensor([tok(t)["input_ids"] + [tok.eos_token_id]])
-        with torch.no_grad():
-            nll += model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
-        n += ids.shape[1] - 1
+    nll, n = reference_nll(out, texts)
     assert val_loss["val_loss"] == pytest.approx(nll / n, rel=1e-5)
     assert val_loss["val_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
 

@@ -4,11 +4,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from EVAL import windows
-from conftest import run
+from conftest import run, reference_nll
 
 TEXTS = ["Once upon a time, a small fox lived at the edge of a quiet forest.", "The cat sat.",
          "Water boils at one hundred degrees Celsius at sea level, and freezes at zero degrees.", "A"]
@@ -16,18 +15,6 @@ TEXTS = ["Once upon a time, a small fox lived at the edge of a quiet forest.", "
 
 def metrics(stdout):
     return {k: float(v) for k, v in (line.split() for line in stdout.splitlines())}
-
-
-def independent(path, texts):
-    """Sum of NLL and scored tokens, one text at a time, with transformers' own loss."""
-    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    nll, n = 0.0, 0
-    for t in texts:
-        ids = torch.tensor([tok(t)["input_ids"] + [tok.eos_token_id]])
-        with torch.no_grad():
-            nll += model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
-        n += ids.shape[1] - 1
-    return nll, n
 
 
 @pytest.fixture
@@ -41,7 +28,7 @@ def test_perplexity_equals_exp_of_total_nll_over_total_tokens(trained, texts_fil
     r = run("EVAL.py", "--model", trained, "--data", texts_file, "--batch-size", "3")
     assert r.returncode == 0, r.stderr
     m = metrics(r.stdout)
-    nll, n = independent(trained, TEXTS)
+    nll, n = reference_nll(trained, TEXTS)
     assert m["tokens"] == n
     assert m["nll_per_token"] == pytest.approx(nll / n, rel=1e-5)
     assert m["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)

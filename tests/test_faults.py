@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, run, train
+from conftest import ROOT, TINY, run, train, same_weights
 
 LONG = ["--max-steps", "60", "--save-every", "4", "--log-every", "1"]
 
@@ -26,11 +26,6 @@ def wait_for(predicate, proc, timeout=120):
     while not predicate():
         assert proc.poll() is None and time.time() < end, "training ended before the point we wanted to kill it at"
         time.sleep(0.002)
-
-
-def same_weights(a, b):
-    wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def newest_step(out):

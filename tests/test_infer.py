@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,3 +117,33 @@ def test_interactive_loop_at_a_terminal(trained):
     assert proc.returncode == 0, err
     assert err.count("> ") >= 2 and "Ctrl-D" in err
     assert out.rstrip("\n") == reference_greedy(trained, "Once upon a time", 5)
+
+
+@pytest.mark.parametrize("text, stops, prefix, expected", [
+    ("Hello. World", ["."], "", ("Hello", True)),
+    ("Hello World", ["."], "", ("Hello World", False)),
+    ("ab User: x", ["User:", "ab"], "", ("", True)),               # the earliest stop wins
+    ("er: hi", ["User:"], "Us", ("", True)),                      # a stop that began in the prompt
+    ("no stop", [], "", ("no stop", False)),
+])
+def test_cut_at_stop(text, stops, prefix, expected):
+    from INFER import cut_at_stop
+    assert cut_at_stop(text, stops, prefix) == expected
+
+
+@pytest.mark.parametrize("text, stops, expected", [
+    ("Hello Us", ["User:"], 2), ("Hello User", ["User:"], 4), ("Hello", ["User:"], 0), ("a<|im", ["<|im_end|>"], 4),
+    ("x", [], 0),
+])
+def test_held_back_is_what_could_begin_a_stop_string(text, stops, expected):
+    from INFER import held_back
+    assert held_back(text, stops) == expected
+
+
+@pytest.mark.parametrize("n_ids, max_new, context, kept, new", [
+    (10, 20, 100, 10, 20), (90, 20, 100, 80, 20), (10, 500, 100, 1, 99), (100, 1, 100, 99, 1),
+])
+def test_fit_context_keeps_the_prompts_tail(n_ids, max_new, context, kept, new):
+    from INFER import fit_context
+    ids, max_new_tokens = fit_context(list(range(n_ids)), max_new, context, warned=[True])
+    assert (len(ids), max_new_tokens) == (kept, new) and ids == list(range(n_ids))[-kept:]

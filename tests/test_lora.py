@@ -86,3 +86,20 @@ def test_qlora_on_cpu_is_a_clear_error(trained, tmp_path):
 def test_lora_on_a_scratch_model_is_a_clear_error(tmp_path):
     r = run("TRAIN.py", "--config", "tests/tiny.yaml", "--lora", "--out", tmp_path / "o")
     assert r.returncode == 2 and "adapts a pretrained model" in r.stderr
+
+
+@pytest.mark.parametrize("arch, kw, projections", [
+    ("gpt2", dict(n_layer=1, n_head=2, n_embd=16), {"c_attn", "c_proj", "c_fc"}),
+    ("llama", dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+     {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+])
+def test_all_linear_adapts_the_attention_and_mlp_projections(arch, kw, projections):
+    """peft's all-linear, the default, adapts exactly the projections a hand-kept per-architecture table named
+    (attention and MLP), and never the output head."""
+    from transformers import AutoConfig
+    from CONFIG import LoraCfg
+    from MODEL import add_lora
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, vocab_size=64, **kw))
+    adapted = {name.split(".")[-4] for name, _ in add_lora(model, LoraCfg(enabled=True), "base").named_parameters()
+               if "lora_A" in name}
+    assert adapted == projections

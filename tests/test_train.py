@@ -1,22 +1,18 @@
 """TRAIN.py: exact gradient accumulation, bit-identical resume, loadable checkpoints, safe output dirs."""
 import json
+import re
 import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from DATA import collate, count_targets, plain
-from TRAIN import lr_at, param_groups
+from TRAIN import due, lr_at, micro_batches, param_groups
 from CONFIG import TrainingCfg
-from conftest import run, train
+from conftest import run, train, weights
 
 STRAIGHT = ["--seed", "7"]
-
-
-def weights(path):
-    return load_file(str(path / "model.safetensors"))
 
 
 def tiny_model():
@@ -164,6 +160,8 @@ def test_compile_trains_the_same_and_saves_plain_checkpoints(tmp_path):
                   "embd_pdrop: 0, attn_pdrop: 0}", "--max-steps", "3"]
     train(tmp_path / "eager", *no_dropout)
     r = train(tmp_path / "compiled", *no_dropout, "--compile")
+    compiled_graphs = re.search(r"torch.compile: (\d+) graphs compiled", r.stderr)
+    assert compiled_graphs and int(compiled_graphs[1]) >= 1, r.stderr  # compiled, not the eager fallback
     eager, compiled = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
     assert compiled.keys() == eager.keys() and not [k for k in compiled if "_orig_mod" in k], r.stderr
     for k, v in compiled.items():
@@ -172,6 +170,46 @@ def test_compile_trains_the_same_and_saves_plain_checkpoints(tmp_path):
 
 
 def test_grad_checkpointing_gives_the_same_weights(tmp_path, trained):
-    train(tmp_path / "ckpt", "--grad-checkpointing")
+    r = train(tmp_path / "ckpt", "--grad-checkpointing")
+    assert "| gradient checkpointing on" in r.stderr  # the model's own flag, read back after enabling it
     for k, v in weights(tmp_path / "ckpt").items():
         torch.testing.assert_close(v, weights(trained)[k], rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_give_each_rank_its_share_of_each_micro_step():
+    """A global batch of 8 = 2 micro-steps x 2 ranks x 2 sequences: micro-step m, rank r takes the slice
+    [(m * world + r) * batch_size, ... + batch_size) of the shared index list."""
+    from DATA import Corpus, sequences
+    import numpy as np
+    corpus = Corpus(np.arange(80), np.ones(80, dtype=np.uint8), np.arange(10, 90, 10), np.zeros(8, dtype=bool))
+    data = sequences(corpus, 0, 8, 16, packing=False)
+    idx = [7, 6, 5, 4, 3, 2, 1, 0]
+    first = lambda batch: [int(row[0]) for row in batch["input_ids"]]  # token i*10 starts document i
+    for rank, expected in ((0, [[70, 60], [30, 20]]), (1, [[50, 40], [10, 0]])):
+        assert [first(b) for b in micro_batches(data, idx, 2, 2, 2, rank, 0)] == expected
+    assert [first(b) for b in micro_batches(data, idx, 4, 2, 1, 0, 0)] == [[70, 60, 50, 40], [30, 20, 10, 0]]
+
+
+@pytest.mark.parametrize("step, every, last, expected", [(10, 10, False, True), (11, 10, False, False),
+                                                         (11, 10, True, True), (10, 0, False, False), (3, 0, True, True)])
+def test_due(step, every, last, expected):
+    assert due(step, every, last) is expected
+
+
+@pytest.mark.parametrize("name, device, purpose, expected", [
+    ("auto", "cpu", "score", torch.float32), ("auto", "cpu", "export", torch.float32),
+    ("auto", "cpu", "generate", torch.float32), ("float32", "cpu", "train", torch.float32),
+    ("bfloat16", "cpu", "generate", torch.bfloat16), ("float16", "cpu", "generate", torch.float16),
+])
+def test_dtype_auto_means_one_thing_per_purpose(name, device, purpose, expected):
+    from MODEL import pick_dtype
+    assert pick_dtype(name, device, purpose) is expected
+
+
+def test_float16_training_on_cpu_is_refused_and_bf16_without_hardware_warned(capsys):
+    from CONFIG import UserError
+    from MODEL import cpu_has_native_bf16, pick_dtype
+    with pytest.raises(UserError, match="float16 is not supported for training on CPU"):
+        pick_dtype("float16", "cpu", "train")
+    pick_dtype("bfloat16", "cpu", "train")
+    assert ("30x slower" in capsys.readouterr().err) is not cpu_has_native_bf16()
