@@ -34,6 +34,9 @@ class ModelCfg:
         "auto", "autocast precision; auto = bfloat16 on CUDA/CPUs with native bf16, float16 on older CUDA, else float32")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
         "sdpa", "attention kernel (flash_attention_2 needs CUDA and the flash-attn package)")
+    dropout: Optional[float] = opt(None, "every dropout rate of a from-scratch model's config (config_overrides "
+                                   "win); default by purpose: 0 from scratch (nanoGPT's for pretraining); a "
+                                   "pretrained model keeps its own", min=0, at_most=1)
     trust_remote_code: bool = opt(False, "allow a model directory or hub repo to run its own Python code")
     base_model: Optional[str] = opt(None, "for a LoRA adapter directory: the base model (default: the one named "
                                     "in its adapter_config.json)")
@@ -71,8 +74,8 @@ class LoraCfg:
     r: int = opt(8, "LoRA rank", flag="--lora-r", min=1)
     alpha: float = opt(16.0, "LoRA scaling alpha (the update is scaled by alpha / r)", flag="--lora-alpha", above=0)
     dropout: float = opt(0.05, "dropout on the LoRA input", flag="--lora-dropout", min=0, at_most=1)
-    target_modules: list = opt([], "modules to adapt; default: attention and MLP projections of gpt2 / llama / "
-                               "mistral / qwen, else all-linear", flag="--lora-target-modules")
+    target_modules: list = opt([], "modules to adapt; default: peft's all-linear (every linear layer but the "
+                               "output head)", flag="--lora-target-modules")
     bias: Literal["none", "all", "lora_only"] = opt("none", "which biases to train", flag="--lora-bias")
     qlora: bool = opt(False, "load the base in 4-bit NF4 (bitsandbytes, CUDA only) and train LoRA on it",
                       flag="--qlora")
@@ -110,6 +113,8 @@ class TrainingCfg:
     save_best: bool = opt(False, "keep the checkpoint with the lowest validation loss in OUT/ckpt-best")
     fsdp: bool = opt(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard)")
     compile: bool = opt(False, "torch.compile the model (falls back to eager, with a warning, where it cannot)")
+    chunked_loss: bool = opt(True, "compute the loss chunk by chunk, never the full logits (LOSS.py; the "
+                             "model's own loss where that is not equivalent); --no-chunked-loss: the model's own")
     grad_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, more time")
     deterministic: bool = opt(False, "deterministic algorithms only (torch.use_deterministic_algorithms): "
                                      "repeatable to the bit on GPUs, somewhat slower")
@@ -183,7 +188,7 @@ class Config:
 # Learning rates as the anchors use them: ~1e-3 to pretrain a small model (nanoGPT, litgpt), 5e-5 for a
 # full fine-tune (run_clm / the Trainer; 1e-3 wrecks a pretrained model), 2e-4 for LoRA (TRL, QLoRA).
 # Fine-tunes train one sample per document, as TRL, litgpt and axolotl do; pretraining packs.
-PURPOSE_DEFAULTS = {"from scratch": {"training.learning_rate": 1e-3, "data.packing": True},
+PURPOSE_DEFAULTS = {"from scratch": {"training.learning_rate": 1e-3, "data.packing": True, "model.dropout": 0.0},
                     "full fine-tune": {"training.learning_rate": 5e-5, "data.packing": False},
                     "LoRA fine-tune": {"training.learning_rate": 2e-4, "data.packing": False}}
 # training.max_length defaults to the model's context, but at most this: the fp32 logits of one micro-batch
@@ -265,9 +270,11 @@ def load(argv, sections=TRAIN_SECTIONS, description=None, config_default="config
 def with_flags(raw, args):
     """The YAML's nested dict with the command line's values written over it."""
     # A --model on the command line means "start from that model's weights" unless --from-scratch is given
-    # too, so `python TRAIN.py --config my.yaml --model DIR` fine-tunes DIR even if my.yaml trains from scratch.
+    # too, so `python TRAIN.py --config my.yaml --model DIR` fine-tunes DIR even if my.yaml trains from scratch
+    # (its scratch model's shape and dropout go with it).
     if "model.name" in args and "model.from_scratch" not in args and isinstance(raw.get("model"), dict):
-        raw["model"] = {k: v for k, v in raw["model"].items() if k not in ("from_scratch", "config_overrides")}
+        raw["model"] = {k: v for k, v in raw["model"].items() if k not in ("from_scratch", "config_overrides",
+                                                                                 "dropout")}
     for key, value in args.items():
         sec, name = key.split(".")
         raw[sec] = raw[sec] if isinstance(raw.get(sec), dict) else {}

@@ -83,7 +83,7 @@ def compile_model(model):
     import torch
     import torch._dynamo
     torch._dynamo.config.suppress_errors = True
-    return torch.compile(model)
+    return torch.compile(model, dynamic=True)
 
 
 def compile_report():

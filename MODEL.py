@@ -64,6 +64,8 @@ def load_for_use(mcfg, purpose):
     check_attention(mcfg.attn_implementation, device)
     model = load_pretrained(mcfg.name, pick_dtype(mcfg.dtype, device, purpose), base_model=mcfg.base_model,
                             attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code)
+    if purpose != "export":  # an exported graph keeps the model's own modules
+        fuse_activations(model)
     return model.to(device).eval(), load_tokenizer(mcfg.name, mcfg.trust_remote_code), device
 
 
@@ -130,6 +132,9 @@ def build_model(mcfg, lcfg, tokenizer, device, seed):
     kw = dict(attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code)
     if (lcfg.enabled or lcfg.qlora) and mcfg.from_scratch:
         raise UserError("--lora adapts a pretrained model - pass --model DIR or a hub id without --from-scratch")
+    if not mcfg.from_scratch and mcfg.dropout is not None:
+        raise UserError("model.dropout: sets a from-scratch model's dropout; a pretrained model keeps its own "
+                        "(change it in its config.json) - drop --dropout")
     if not mcfg.from_scratch:
         model = load_pretrained(mcfg.name, torch.float32, quantization_config=quantization(lcfg, device), **kw)
         return add_lora(model, lcfg, mcfg.name) if lcfg.enabled or lcfg.qlora else model
@@ -140,6 +145,9 @@ def build_model(mcfg, lcfg, tokenizer, device, seed):
     else:
         raise UserError(f"model.name: '{mcfg.name}' is not an architecture for from_scratch"
                         f"{suggest(mcfg.name, list(CONFIG_MAPPING.keys()))} (e.g. gpt2, llama, mistral, qwen2)")
+    for key, value in config.to_dict().items():  # resid_pdrop, attention_dropout, hidden_dropout_prob, ...
+        if mcfg.dropout is not None and type(value) in (int, float) and (key.endswith("dropout") or key.endswith("pdrop")):
+            setattr(config, key, mcfg.dropout)
     for key, value in mcfg.config_overrides.items():
         if not hasattr(config, key):  # HF configs accept any key silently; a typo must not be ignored
             raise UserError(f"model.config_overrides: '{key}' is not a setting of {config.model_type}"
@@ -224,6 +232,19 @@ def load_pretrained(path, dtype, base_model=None, trainable=False, **kw):
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise UserError(f"{path}: could not load the model ({str(e).splitlines()[0][:200]}) - the files may be "
                         "corrupt or truncated: copy them again or use another checkpoint")
+
+
+def fuse_activations(model):
+    """Swap in the fused kernel where an activation has an exactly equivalent one: GPT-2's gelu_new (and
+    gelu_fast) is the tanh GELU written out in seven element-wise ops, F.gelu(approximate="tanh") is one kernel,
+    forward and backward. Only the modules change: the config still says gelu_new, so a saved model loads in
+    plain transformers as before. -> how many were swapped"""
+    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) in (NewGELUActivation, FastGELUActivation)]
+    for parent, name in swaps:
+        setattr(parent, name, GELUTanh())
+    return len(swaps)
 
 
 def no_padding_warning():

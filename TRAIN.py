@@ -45,8 +45,8 @@ def setup(cfg, rank, world, local_rank):
     to resume, for a fresh or resumed run. Rank 0 writes the caches first; the other ranks then read them."""
     from CHAT import with_template
     from DATA import check_files, check_loss_on, evenly_spaced, load
-    from MODEL import (build_model, check_source, context_length, keeps_documents_apart, load_pretrained,
-                       pick_device, quantization)
+    from MODEL import (build_model, check_source, context_length, fuse_activations, keeps_documents_apart,
+                       load_pretrained, pick_device, quantization)
     from TOKENIZER import cached_bpe, load_tokenizer
 
     def rank0_first(fn):
@@ -77,6 +77,7 @@ def setup(cfg, rank, world, local_rank):
             with_template(tokenizer)
         model = build_model(m, cfg.lora, tokenizer, device, t.seed)
     model = model if getattr(model, "hf_quantizer", None) else model.to(device)  # a 4-bit base is on its GPU already
+    fuse_activations(model)
     context = context_length(model.config)
     if t.max_length is None:
         t.max_length = CONFIG.default_max_length(context)
@@ -155,6 +156,7 @@ def train(cfg):
     import torch
     from tqdm import tqdm
     from DATA import sample_indices
+    from LOSS import use as use_chunked_loss
     from MODEL import no_padding_warning, pick_dtype
     from transformers.utils import logging
     logging.disable_progress_bar()  # our own bar is the one progress line
@@ -171,6 +173,9 @@ def train(cfg):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     device, tokenizer, raw_model, (data, val, val_idx), resume = setup(cfg, rank, world, local_rank)
+    why_not = t.chunked_loss and use_chunked_loss(raw_model, device)  # before wrapping: DDP/FSDP/compile see the swap
+    if why_not:
+        log(f"note: keeping the model's own loss, not the chunked one: {why_not}")
     model, sync_grads = wrap(raw_model, t, world, local_rank, device)
     # precision: autocast does the low-precision math over fp32 weights; the scaler is a no-op unless fp16
     kind = device.split(":")[0]
@@ -178,7 +183,7 @@ def train(cfg):
     autocast = torch.autocast(device_type=kind, dtype=ptdtype, enabled=ptdtype != torch.float32)
     scaler = torch.amp.GradScaler(kind, enabled=ptdtype == torch.float16)
     optimizer = torch.optim.AdamW(param_groups(raw_model, t.weight_decay), lr=t.learning_rate, betas=(t.beta1, t.beta2),
-                                  fused=kind == "cuda")
+                                  fused=kind in ("cuda", "cpu"))  # one kernel for all parameters, no temporaries
     if resume:
         progress = load_state(resume, optimizer, scaler, rank, world, raw_model if t.fsdp else None)
     else:
@@ -238,11 +243,13 @@ def train(cfg):
 
 def start_log(cfg, raw_model, data, global_batch, total_steps, device, ptdtype, world, resume, progress, master):
     """The run's first log lines, its resolved config in OUT, and OUT/metrics.jsonl (open for appending on rank 0)."""
+    from LOSS import active as chunked_loss_active
     t, out = cfg.training, cfg.output.dir
     n_params = sum(p.numel() for p in raw_model.parameters())
     n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     on = [name for name, flag in (("gradient checkpointing", raw_model.is_gradient_checkpointing),
-                                  ("torch.compile", t.compile), ("FSDP", t.fsdp)) if flag]
+                                  ("chunked loss", chunked_loss_active(raw_model)), ("torch.compile", t.compile),
+                                  ("FSDP", t.fsdp)) if flag]
     log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | {len(data)} sequences | "
         f"global batch {global_batch} = {t.batch_size} x {t.grad_accum} accum x {world} ranks | {total_steps} steps "
         f"({CONFIG.warmup_of(t.warmup_steps, total_steps)} warmup) at peak lr {t.learning_rate:g} | "

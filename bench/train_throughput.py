@@ -1,16 +1,18 @@
-"""Training throughput of TRAIN.py's loop against the Hugging Face Trainer, and against the machine.
+"""Training speed and peak memory of TRAIN.py's loop against the Hugging Face Trainer, on the same model.
 
     pip install accelerate          # the Trainer's requirement (only this bench needs it)
-    python bench/train_throughput.py [--steps 12] [--repeats 3] [--sizes small,medium] [--dtypes float32,bfloat16]
+    python bench/train_throughput.py [--cases smollm2:4x512,smollm2:2x1024,smollm2:4x1024,small:8x256]
+                                     [--steps 4] [--repeats 1] [--dtypes float32,bfloat16] [--grad-checkpointing]
 
-Identical work on both sides: a from-scratch GPT-2 (small ~12M, medium ~50M parameters), the same
-tokenizer (a 4096-token BPE of data/), the same packed blocks of <= 256 tokens of data/ (documents kept
-apart, TRAIN.py's collation), batch 8, AdamW
-(lr 3e-4, betas 0.9/0.95, weight decay 0.1), warmup + cosine, gradient clipping 1.0, the same autocast
-precision, CPU. Each side runs in a fresh process, alternating, --repeats times; a run's speed is the
-median of its steps' real tokens/s after its first two steps, and the figure is the median over runs.
-Roofline: achieved FLOP/s (6 x params + 12 x layers x width x block per token, nanoGPT's estimate)
-as a fraction of a plain matmul of the model's shapes measured at the same dtype in this process.
+Identical work on both sides: a randomly initialised model saved as a directory (fine-tuned by both, from
+fp32 weights), a 4096-token BPE of data/, the same packed blocks of data/ (documents kept apart, TRAIN.py's
+collation: restarting position ids, no padding), BATCHxLENGTH per step, AdamW (lr 3e-4, betas 0.9/0.95, weight
+decay 0.1; the Trainer's default, fused, implementation), warmup + cosine, gradient clipping 1.0, the same
+autocast precision, CPU, no dropout. Models: smollm2 = SmolLM2-135M's shape (llama, 30 layers, 576 wide,
+49152-token vocabulary, tied embeddings); small/medium = GPT-2 of 6x384 / 10x640. Each side runs in a fresh
+process, alternating, --repeats times. Speed: real tokens/s, median over the steps after the first two, then
+over runs. Memory: the process's peak RSS (from wait4), and the floor: fp32 weights + gradients + AdamW's
+two moments = 16 bytes per parameter, plus what the process holds after importing torch and transformers.
 """
 import argparse
 import json
@@ -19,106 +21,129 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SIZES = {"small": dict(n_layer=6, n_head=6, n_embd=384), "medium": dict(n_layer=10, n_head=10, n_embd=640)}
-BATCH, BLOCK = 8, 256
+MODELS = {
+    "smollm2": ("llama", dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                              num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
+                              tie_word_embeddings=True, rope_theta=100000.0)),
+    "small": ("gpt2", dict(n_layer=6, n_head=6, n_embd=384, n_positions=1024, vocab_size=4096, resid_pdrop=0,
+                           embd_pdrop=0, attn_pdrop=0)),
+    "medium": ("gpt2", dict(n_layer=10, n_head=10, n_embd=640, n_positions=1024, vocab_size=4096, resid_pdrop=0,
+                            embd_pdrop=0, attn_pdrop=0)),
+}
+DATA = ["data/train.txt", "data/train.jsonl"]
 
 TRAINER = """import json, statistics, sys, time, torch
 sys.path.insert(0, sys.argv[1])
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from DATA import collate, gather, sequences, token_cache
-tok_dir, arch, steps, dtype, work = sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
-tok = AutoTokenizer.from_pretrained(tok_dir)
-corpus = token_cache(["data/train.txt", "data/train.jsonl"], tok, work + "/cache")
-data = gather(sequences(corpus, 0, len(corpus.ends), %d, True), range(%d))  # TRAIN.py's packed blocks
+model_dir, batch, length, steps, dtype, work, gc = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8] == "1"
+tok = AutoTokenizer.from_pretrained(model_dir)
+corpus = token_cache(%r, tok, work + "/cache")
+blocks = sequences(corpus, 0, len(corpus.ends), length, True)  # TRAIN.py's packed blocks
+data = gather(blocks, range(len(blocks)))
 torch.manual_seed(0)
-config = AutoConfig.for_model("gpt2", n_positions=%d, vocab_size=len(tok), **arch)
-model = AutoModelForCausalLM.from_config(config)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 times, tokens = [], []
-def collator(batch):  # TRAIN.py's collation; the real tokens of each step, for tokens/s as TRAIN.py counts them
-    tokens.append(sum(len(ids) for ids, _, _ in batch))
-    return collate(batch, tok.pad_token_id)
+def collator(b):  # TRAIN.py's collation; the real tokens of each step, for tokens/s as TRAIN.py counts them
+    tokens.append(sum(len(ids) for ids, _, _ in b))
+    return collate(b, tok.pad_token_id)
 class Clock(TrainerCallback):
     def on_step_begin(self, *a, **k): self.t = time.perf_counter()
     def on_step_end(self, *a, **k): times.append(time.perf_counter() - self.t)
-args = TrainingArguments(output_dir=work + "/trainer", per_device_train_batch_size=%d, max_steps=steps,
+args = TrainingArguments(output_dir=work + "/trainer", per_device_train_batch_size=batch, max_steps=steps,
     learning_rate=3e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, warmup_steps=2, lr_scheduler_type="cosine",
     max_grad_norm=1.0, bf16=dtype == "bfloat16", use_cpu=True, report_to=[], save_strategy="no", logging_steps=1000,
-    dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch")
+    dataloader_num_workers=0, disable_tqdm=True, dataloader_drop_last=True, gradient_checkpointing=gc,
+    gradient_checkpointing_kwargs={"use_reentrant": False})  # full batches, as TRAIN.py's
 Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Clock()]).train()
-print("TOKS", statistics.median(n / t for n, t in zip(tokens[2:], times[2:])))""" % (BLOCK, 10**6, BLOCK, BATCH)
+print("TOKS", statistics.median(n / t for n, t in zip(tokens[2:], times[2:])))""" % (DATA,)
+
+IMPORTS = "import torch, transformers, resource; from transformers import AutoModelForCausalLM, Trainer"
 
 
-def ours(tok_dir, arch, steps, dtype, work):
+def run_measured(cmd):
+    """Popen + wait4 (subprocess.run reaps the child itself and loses its rusage). -> (stdout, peak RSS GB)"""
+    with open(os.devnull, "w") as null, tempfile.TemporaryFile("w+") as fh, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=err, stdin=null)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        fh.seek(0), err.seek(0)
+        if p.returncode:
+            sys.exit(f"{' '.join(map(str, cmd[:4]))} failed:\n{err.read()[-3000:]}")
+        return fh.read(), usage.ru_maxrss / 1e6  # ru_maxrss is in kB on Linux
+
+
+def ours(model_dir, batch, length, steps, dtype, work, gc):
     out = os.path.join(work, "ours")
-    subprocess.run([sys.executable, "TRAIN.py", "--model", "gpt2", "--from-scratch", "--tokenizer", tok_dir,
-                    "--config-overrides", json.dumps({**arch, "n_positions": BLOCK}), "--cache-dir", work + "/cache",
-                    "--out", out, "--overwrite", "--max-steps", str(steps), "--batch-size", str(BATCH),
-                    "--max-length", str(BLOCK), "--learning-rate", "3e-4", "--warmup-steps", "2", "--dtype", dtype,
-                    "--device", "cpu", "--log-every", "1", "--save-every", "0"],
-                   cwd=ROOT, check=True, capture_output=True)
+    _, rss = run_measured([sys.executable, "TRAIN.py", "--model", model_dir, "--data", *DATA, "--packing",
+                           "--cache-dir", work + "/cache", "--out", out, "--overwrite", "--max-steps", str(steps),
+                           "--batch-size", str(batch), "--grad-accum", "1", "--max-length", str(length),
+                           "--learning-rate", "3e-4", "--warmup-steps", "2", "--dtype", dtype, "--device", "cpu",
+                           "--log-every", "1", "--save-every", "0", "--grad-checkpointing" if gc else "--no-grad-checkpointing"])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return statistics.median(r["tokens_per_s"] for r in rows[2:])
+    return statistics.median(r["tokens_per_s"] for r in rows[2:] if "tokens_per_s" in r), rss
 
 
-def trainer(tok_dir, arch, steps, dtype, work):
-    r = subprocess.run([sys.executable, "-c", TRAINER, ROOT, tok_dir, json.dumps(arch), str(steps), dtype, work],
-                       cwd=ROOT, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(r.stderr[-3000:])
-    return float(r.stdout.split("TOKS ")[-1])
+def trainer(model_dir, batch, length, steps, dtype, work, gc):
+    out, rss = run_measured([sys.executable, "-c", TRAINER, ROOT, model_dir, str(batch), str(length), str(steps),
+                             dtype, work, str(int(gc))])
+    return float(out.split("TOKS ")[-1]), rss
 
 
-def matmul_flops(d, dtype, repeats=20):
-    """FLOP/s of (BATCH*BLOCK, d) @ (d, 4d), the shape of the MLP's first matmul."""
+def make_model(name, tok, work):
+    """A randomly initialised model of that shape, saved with the tokenizer. -> (its directory, parameters)"""
     import torch
-    a = torch.randn(BATCH * BLOCK, d, dtype=dtype)
-    b = torch.randn(d, 4 * d, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * BATCH * BLOCK * d * 4 * d / statistics.median(times)
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kind, arch = MODELS[name]
+    path = os.path.join(work, name)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(kind, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id, **arch)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, sum(p.numel() for p in model.parameters())
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sizes", default="small,medium")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--cases", default="smollm2:4x512,smollm2:2x1024,smollm2:4x1024,small:8x256")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--dtypes", default="float32")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="on both sides")
     args = ap.parse_args()
     import torch
-    from TOKENIZER import train_tokenizer
     from DATA import iter_texts
+    from TOKENIZER import train_tokenizer
     work = tempfile.mkdtemp(prefix="llm-mini-train-bench-")
-    tok_dir = os.path.join(work, "tok")
-    train_tokenizer(iter_texts(["data/train.txt", "data/train.jsonl"]), 4096).save_pretrained(tok_dir)
-    print(f"CPU, {os.cpu_count()} cores, torch {torch.__version__}; batch {BATCH} x {BLOCK} tokens, {args.steps} steps, "
-          f"median of {args.repeats} runs per side, alternating")
-    print(f"{'model':>14} {'dtype':>9} {'ours tok/s':>11} {'Trainer':>9} {'ratio':>6} {'TFLOP/s':>8} {'matmul':>7} "
-          f"{'roofline':>8}")
-    for size in args.sizes.split(","):
-        arch = SIZES[size]
-        d, L = arch["n_embd"], arch["n_layer"]
-        n_params = 12 * L * d * d + 4096 * d + BLOCK * d  # blocks + embeddings (tied head)
-        flops_per_token = 6 * n_params + 12 * L * d * BLOCK
+    tok = train_tokenizer(iter_texts(DATA), 4096)
+    _, base = run_measured([sys.executable, "-c", IMPORTS])
+    cpu = next((line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}; {args.steps} steps, median of {args.repeats} "
+          f"run(s) per side, alternating{', gradient checkpointing on both' if args.grad_checkpointing else ''}; a process that imports torch + transformers holds {base:.2f} GB")
+    print(f"{'model':>16} {'batch':>7} {'dtype':>8} {'ours tok/s':>10} {'Trainer':>8} {'ratio':>6} | {'ours GB':>7} "
+          f"{'Trainer':>8} {'ratio':>6} {'floor':>6}")
+    dirs = {}
+    for case in args.cases.split(","):
+        name, shape = case.split(":")
+        batch, length = map(int, shape.split("x"))
+        if name not in dirs:
+            dirs[name] = make_model(name, tok, work)
+        path, n_params = dirs[name]
         for dtype in args.dtypes.split(","):
             a, b = [], []
             for _ in range(args.repeats):
-                a.append(ours(tok_dir, arch, args.steps, dtype, work))
-                b.append(trainer(tok_dir, arch, args.steps, dtype, work))
-            ours_tps, hf_tps = statistics.median(a), statistics.median(b)
-            achieved = flops_per_token * ours_tps
-            peak = matmul_flops(d, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
-            print(f"{size:>6} {n_params / 1e6:5.1f}M {dtype:>9} {ours_tps:11.0f} {hf_tps:9.0f} "
-                  f"{ours_tps / hf_tps:6.2f} {achieved / 1e12:8.3f} {peak / 1e12:7.3f} {achieved / peak:8.2f}", flush=True)
+                a.append(ours(path, batch, length, args.steps, dtype, work, args.grad_checkpointing))
+                b.append(trainer(path, batch, length, args.steps, dtype, work, args.grad_checkpointing))
+            (tps_a, tps_b), (rss_a, rss_b) = [[statistics.median(x[i] for x in side) for side in (a, b)]
+                                              for i in (0, 1)]
+            print(f"{name:>8} {n_params / 1e6:6.1f}M {batch:>2}x{length:<4} {dtype:>8} {tps_a:10.0f} {tps_b:8.0f} "
+                  f"{tps_a / tps_b:6.2f} | {rss_a:7.2f} {rss_b:8.2f} {rss_a / rss_b:6.2f} "
+                  f"{16 * n_params / 1e9 + base:6.2f}", flush=True)
 
 
 if __name__ == "__main__":
