@@ -142,6 +142,11 @@ class InferCfg:
     chat: bool = opt(False, "apply the tokenizer's chat template to the prompt (as training rendered it) and stop at "
                             "its end of turn")
     system: Optional[str] = opt(None, "system message for --chat")
+    serve: bool = opt(False, "serve the model over an OpenAI-compatible HTTP API (SERVE.py) instead of stdout")
+    host: str = opt("127.0.0.1", "--serve: the address to listen on (0.0.0.0: every interface)")
+    port: int = opt(8000, "--serve: the port to listen on", min=1, at_most=65535)
+    api_key: Optional[str] = opt(None, "--serve: requests must send 'Authorization: Bearer KEY' (default: the "
+                                 "LLM_MINI_API_KEY environment variable, else none)")
 
 
 @dataclass

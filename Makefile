@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt pytest pytest-xdist matplotlib peft onnx onnxruntime onnxscript gguf
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt pytest pytest-xdist matplotlib peft onnx onnxruntime onnxscript gguf fastapi uvicorn openai
 	touch $@
 
 # --overwrite: a second `make demo` replaces the previous demo run in out/ (TRAIN.py refuses otherwise)
@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 	$(PY) INFER.py --model out --prompt "Once upon a time" --max-new-tokens 60
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -rs -n 2 --dist worksteal tests   # -rs: name every skipped test and why; -n 2: two workers
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests   # -rs: name skipped tests and why; -n 2: two workers, a file each
 
 clean:
 	rm -rf $(VENV) out

@@ -2,8 +2,12 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
+# The suite runs in two pytest workers (make test: -n 2) on small models: one thread per process (this one and
+# every script it starts) instead of two workers' OpenMP pools spinning against each other on the same cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "tiny.yaml")
