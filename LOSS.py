@@ -14,6 +14,7 @@ Peak extra memory is one chunk's logits (CHUNK_ELEMENTS floats) instead of sever
 checks the swap on the model itself (the same loss as the plain path on a probe batch) and keeps the
 model's own loss where it is not equivalent (logit soft-capping, scaled logits, a custom loss).
 """
+import sys
 import types
 
 import torch
@@ -98,10 +99,11 @@ def _swap(model):
 
 
 def use(model, device, seed=0):
-    """Swap in the chunked loss where it gives this model's own loss on a probe batch. -> None, or why not."""
+    """Swap in the chunked loss where it gives this model's own loss on a probe batch. -> None, or why not
+    (also said in one line on stderr)."""
     head = unwrap(model).get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
-        return f"its output head is a {type(head).__name__}, not a plain Linear"
+        return note(f"its output head is a {type(head).__name__}, not a plain Linear")
     vocab = head.weight.shape[0]
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (2, 12), generator=g).to(device)
@@ -118,4 +120,9 @@ def use(model, device, seed=0):
     if torch.isclose(plain, chunked, rtol=1e-4, atol=1e-5):
         return None
     undo()
-    return f"its own loss differs from plain cross-entropy of its head ({plain.item():.5f} vs {chunked.item():.5f})"
+    return note(f"its own loss differs from plain cross-entropy of its head ({plain.item():.5f} vs {chunked.item():.5f})")
+
+
+def note(why):
+    print(f"note: keeping the model's own loss, not the chunked one: {why}", file=sys.stderr)
+    return why

@@ -11,11 +11,13 @@ the model is not shared between threads); a streaming client that disconnects st
 Errors are OpenAI-shaped JSON with a 4xx status: {"error": {"message", "type", "param", "code"}}.
 """
 import asyncio
+import dataclasses
 import json
 import os
 import queue
 import threading
 import time
+import types
 import uuid
 
 import CONFIG
@@ -85,26 +87,125 @@ def read_prompt(body):
     return prompt
 
 
-def make_app(model, tokenizer, name, api_key):
-    """The FastAPI application serving `model` under the id `name`."""
+@dataclasses.dataclass
+class Served:
+    """What every request needs: the model, its tokenizer, its id, its context, and the generation lock."""
+    model: object
+    tokenizer: object
+    name: str
+    context: int
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+def error(status, message, param=None, code=None):
+    """An OpenAI-shaped error response."""
+    from fastapi.responses import JSONResponse
+    kind = {401: "authentication_error", 404: "not_found_error", 500: "server_error"}.get(status,
+                                                                                         "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+def answer(srv, prompt_ids, opts, stops, eos, on_text=None, cancel=None):
+    """Generate under the lock (one request at a time), streaming text to on_text.write when given, stopping
+    early once `cancel` is set. -> (text, completion tokens, finish_reason)"""
     import torch
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
     from transformers import StoppingCriteria, StoppingCriteriaList
-    from INFER import chat_ids, completion, generate, make_streamer, prompt_end, stops_and_eos
-    from MODEL import context_length
-    app, lock, context = FastAPI(), threading.Lock(), context_length(model.config)
+    from INFER import completion, generate, make_streamer, prompt_end
 
     class Cancelled(StoppingCriteria):  # set by a client that went away
-        def __init__(self, event):
-            self.event = event
-
         def __call__(self, input_ids, scores, **kw):
-            return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+    max_tokens, sampling, _, seed, _ = opts
+    cancel = cancel or threading.Event()
+    streamer = make_streamer(srv.tokenizer, stops, on_text, end="") if on_text else None
+    if streamer:
+        streamer.prefix = prompt_end(srv.tokenizer, prompt_ids, stops)
+    with srv.lock:
+        if seed is not None:
+            torch.manual_seed(seed)
+        new = generate(srv.model, srv.tokenizer, [prompt_ids], max_tokens, eos, stops, sampling, streamer=streamer,
+                       stopping_criteria=StoppingCriteriaList([Cancelled()]))[0]
+    text, n, ended = completion(srv.tokenizer, prompt_ids, new, eos, stops)
+    if cancel.is_set():
+        log(f"client went away: generation stopped after {len(new)} of at most {max_tokens} tokens")
+    return text, n, "stop" if ended or n < max_tokens else "length"
 
-    def error(status, message, param=None, code=None):
-        kind = {401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+def shapes(name, chat, n_prompt, streaming):
+    """-> (choice(text, finish, delta), envelope(choices, **extra), usage(n)): the response objects' shapes."""
+    rid, created = uuid.uuid4().hex, int(time.time())
+    kind = ("chat.completion" if chat else "text_completion") + (".chunk" if streaming and chat else "")
+
+    def choice(text, finish, delta=False):
+        if not chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        message = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
+        return {"index": 0, "delta" if delta else "message": message, "finish_reason": finish}
+
+    def envelope(choices, **extra):
+        return {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "object": kind, "created": created, "model": name,
+                "choices": choices, **extra}
+    return choice, envelope, lambda n: {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
+
+
+async def events(srv, prompt_ids, opts, stops, eos, chat):
+    """The server-sent events of a streamed answer. Generation runs in a worker thread and hands text over a
+    queue; when the client disconnects this generator is closed, and `finally` stops the generation."""
+    choice, envelope, usage = shapes(srv.name, chat, len(prompt_ids), True)
+    pieces, cancel, loop = queue.Queue(), threading.Event(), asyncio.get_running_loop()
+    sink = types.SimpleNamespace(write=lambda text: pieces.put(text) if text else None, flush=lambda: None)
+
+    def work():
+        try:
+            pieces.put(("end",) + answer(srv, prompt_ids, opts, stops, eos, sink, cancel))
+        except Exception as e:  # noqa: BLE001 - reported to the client as the stream's last event
+            pieces.put(("failed", f"{type(e).__name__}: {e}"))
+    worker = loop.run_in_executor(None, work)
+    try:
+        if chat:
+            yield f"data: {json.dumps(envelope([{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]))}\n\n"
+        while True:
+            item = await loop.run_in_executor(None, pieces.get)
+            if isinstance(item, str):
+                yield f"data: {json.dumps(envelope([choice(item, None, delta=True)]))}\n\n"
+                continue
+            last = envelope([choice("", item[3], delta=True)], usage=usage(item[2])) if item[0] == "end" else \
+                {"error": {"message": item[1], "type": "server_error"}}
+            yield f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n"
+            break
+    finally:
+        cancel.set()  # a client that disconnected ends up here too: its generation stops at the next token
+        await worker
+
+
+async def respond(srv, prompt_ids, opts, stops, eos, chat):
+    from fastapi.responses import JSONResponse, StreamingResponse
+    if opts[4]:
+        return StreamingResponse(events(srv, prompt_ids, opts, stops, eos, chat), media_type="text/event-stream")
+    choice, envelope, usage = shapes(srv.name, chat, len(prompt_ids), False)
+    # in a worker thread: the server keeps answering (health, queued requests) meanwhile
+    text, n, finish = await asyncio.get_running_loop().run_in_executor(None, answer, srv, prompt_ids, opts, stops, eos)
+    return JSONResponse(envelope([choice(text, finish)], usage=usage(n)))
+
+
+async def body_of(request, name):
+    try:
+        body = await request.json()
+    except ValueError:
+        raise RequestError(400, "the request body must be JSON")
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    if body.get("model") not in (None, name):
+        raise RequestError(404, f"model '{body['model']}' is not served here; this server has '{name}'", "model",
+                           "model_not_found")
+    return body
+
+
+def make_app(srv, api_key):
+    """The FastAPI application: routes, the API key check and the error handlers."""
+    from fastapi import FastAPI, Request
+    from INFER import chat_ids, stops_and_eos
+    app = FastAPI()
 
     @app.middleware("http")
     async def key(request: Request, call_next):
@@ -123,91 +224,7 @@ def make_app(model, tokenizer, name, api_key):
     @app.exception_handler(Exception)
     async def server_error(request, e):  # one line in the log and to the client, never a traceback
         log(f"error: {request.url.path}: {type(e).__name__}: {e}")
-        return JSONResponse({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None,
-                                       "code": None}}, 500)
-
-    def run(prompt_ids, opts, stops, eos, on_text=None, cancel=None):
-        """Generate under the lock (one at a time). -> (text, completion tokens, finish_reason)"""
-        max_tokens, sampling, _, seed, _ = opts
-        streamer = make_streamer(tokenizer, stops, on_text, end="") if on_text else None
-        if streamer:
-            streamer.prefix = prompt_end(tokenizer, prompt_ids, stops)
-        with lock:
-            if seed is not None:
-                torch.manual_seed(seed)
-            new = generate(model, tokenizer, [prompt_ids], max_tokens, eos, stops, sampling, streamer=streamer,
-                           stopping_criteria=StoppingCriteriaList([Cancelled(cancel or threading.Event())]))[0]
-        text, n, ended = completion(tokenizer, prompt_ids, new, eos, stops)
-        if cancel is not None and cancel.is_set():
-            log(f"client went away: generation stopped after {len(new)} of at most {max_tokens} tokens")
-        return text, n, "stop" if ended or n < max_tokens else "length"
-
-    async def body_of(request):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise RequestError(400, "the request body must be JSON")
-        if not isinstance(body, dict):
-            raise RequestError(400, "the request body must be a JSON object")
-        if body.get("model") not in (None, name):
-            raise RequestError(404, f"model '{body['model']}' is not served here; this server has '{name}'",
-                               "model", "model_not_found")
-        return body
-
-    async def respond(prompt_ids, opts, stops, eos, chat):
-        kind, rid, created = ("chat.completion" if chat else "text_completion"), uuid.uuid4().hex, int(time.time())
-        usage = lambda n: {"prompt_tokens": len(prompt_ids), "completion_tokens": n,  # noqa: E731
-                           "total_tokens": len(prompt_ids) + n}
-
-        def choice(text, finish, delta=False):
-            if not chat:
-                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            message = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
-            return {"index": 0, "delta" if delta else "message": message, "finish_reason": finish}
-
-        def envelope(choices, **extra):
-            obj = kind + (".chunk" if opts[4] and chat else "")
-            return {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "object": obj, "created": created, "model": name,
-                    "choices": choices, **extra}
-        if not opts[4]:  # in a worker thread: the server keeps answering (health, queued requests) meanwhile
-            text, n, finish = await asyncio.get_running_loop().run_in_executor(None, run, prompt_ids, opts, stops, eos)
-            return JSONResponse(envelope([choice(text, finish)], usage=usage(n)))
-        pieces, cancel = queue.Queue(), threading.Event()
-
-        class Sink:  # the streamer's "stdout": each new piece of text goes to the response
-            def write(self, text):
-                if text:
-                    pieces.put(text)
-
-            def flush(self):
-                pass
-
-        def work():
-            try:
-                pieces.put(("end",) + run(prompt_ids, opts, stops, eos, Sink(), cancel))
-            except Exception as e:  # noqa: BLE001 - reported to the client as the stream's last event
-                pieces.put(("failed", str(e)))
-
-        async def events():
-            loop = asyncio.get_running_loop()
-            worker = loop.run_in_executor(None, work)
-            try:
-                if chat:
-                    yield f"data: {json.dumps(envelope([{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]))}\n\n"
-                while True:
-                    item = await loop.run_in_executor(None, pieces.get)
-                    if isinstance(item, tuple) and item[0] == "failed":
-                        yield f"data: {json.dumps({'error': {'message': item[1], 'type': 'server_error'}})}\n\n"
-                        break
-                    if isinstance(item, tuple):
-                        yield f"data: {json.dumps(envelope([choice('', item[3], delta=True)], usage=usage(item[2])))}\n\n"
-                        break
-                    yield f"data: {json.dumps(envelope([choice(item, None, delta=True)]))}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                cancel.set()  # a client that disconnected ends up here too: its generation stops at the next token
-                await worker
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return error(500, f"{type(e).__name__}: {e}")
 
     @app.get("/health")
     def health():
@@ -215,23 +232,21 @@ def make_app(model, tokenizer, name, api_key):
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "llm-mini"}]}
+        return {"object": "list", "data": [{"id": srv.name, "object": "model", "created": 0, "owned_by": "llm-mini"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await body_of(request)
-        prompt_ids = chat_ids(tokenizer, read_messages(body))
-        opts = read_options(body, len(prompt_ids), context)
-        stops, eos = stops_and_eos(tokenizer, opts[2], chat=True)
-        return await respond(prompt_ids, opts, stops, eos, chat=True)
+        body = await body_of(request, srv.name)
+        prompt_ids = chat_ids(srv.tokenizer, read_messages(body))
+        opts = read_options(body, len(prompt_ids), srv.context)
+        return await respond(srv, prompt_ids, opts, *stops_and_eos(srv.tokenizer, opts[2], chat=True), chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await body_of(request)
-        prompt_ids = tokenizer(read_prompt(body))["input_ids"]
-        opts = read_options(body, len(prompt_ids), context)
-        stops, eos = stops_and_eos(tokenizer, opts[2], chat=False)
-        return await respond(prompt_ids, opts, stops, eos, chat=False)
+        body = await body_of(request, srv.name)
+        prompt_ids = srv.tokenizer(read_prompt(body))["input_ids"]
+        opts = read_options(body, len(prompt_ids), srv.context)
+        return await respond(srv, prompt_ids, opts, *stops_and_eos(srv.tokenizer, opts[2], chat=False), chat=False)
     return app
 
 
@@ -246,4 +261,6 @@ def serve(cfg, load):
         log("note: the tokenizer has no chat template: /v1/chat/completions answers 400, /v1/completions works")
     log(f"serving {name} at http://{g.host}:{g.port}/v1 ({'API key required' if api_key else 'no API key'}); "
         "Ctrl-C to stop")
-    uvicorn.run(make_app(model, tokenizer, name, api_key), host=g.host, port=g.port, log_level="warning")
+    from MODEL import context_length
+    srv = Served(model, tokenizer, name, context_length(model.config))
+    uvicorn.run(make_app(srv, api_key), host=g.host, port=g.port, log_level="warning")

@@ -152,6 +152,14 @@ def stop_signals(world, device):
     return lambda: agreed_max(caught[0] if caught else 0, world, device)
 
 
+def seed_and_determinism(seed, deterministic):
+    import torch
+    torch.manual_seed(seed)
+    if deterministic:  # cuBLAS needs a fixed workspace for repeatable matmuls (set before its first use)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
 def train(cfg):
     import torch
     from tqdm import tqdm
@@ -168,14 +176,10 @@ def train(cfg):
     if master:
         prepare_out_dir(cfg)
     barrier(world)
-    torch.manual_seed(t.seed)
-    if t.deterministic:  # cuBLAS needs a fixed workspace for repeatable matmuls (set before its first use)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+    seed_and_determinism(t.seed, t.deterministic)
     device, tokenizer, raw_model, (data, val, val_idx), resume = setup(cfg, rank, world, local_rank)
-    why_not = t.chunked_loss and use_chunked_loss(raw_model, device)  # before wrapping: DDP/FSDP/compile see the swap
-    if why_not:
-        log(f"note: keeping the model's own loss, not the chunked one: {why_not}")
+    if t.chunked_loss:  # before wrapping, so that DDP, FSDP and compile see the swap
+        use_chunked_loss(raw_model, device)
     model, sync_grads = wrap(raw_model, t, world, local_rank, device)
     # precision: autocast does the low-precision math over fp32 weights; the scaler is a no-op unless fp16
     kind = device.split(":")[0]
