@@ -89,12 +89,16 @@ def _swap(model):
     """Install the two swaps on the (unwrapped) transformers model; -> a function that undoes them."""
     base = unwrap(model)
     head = base.get_output_embeddings()
-    head.forward = types.MethodType(lambda self, x: x, head)  # the "logits" are the hidden states
-    base.loss_function = lambda logits, labels, vocab_size=None, **kw: chunked_loss(head, logits, labels, **kw)
 
     def undo():
-        del head.forward
-        del base._loss_function
+        vars(head).pop("forward", None)
+        vars(base).pop("_loss_function", None)
+    try:
+        head.forward = types.MethodType(lambda self, x: x, head)  # the "logits" are the hidden states
+        base.loss_function = lambda logits, labels, vocab_size=None, **kw: chunked_loss(head, logits, labels, **kw)
+    except Exception:  # e.g. a transformers without the loss_function setter
+        undo()
+        raise
     return undo
 
 
@@ -108,13 +112,17 @@ def use(model, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (2, 12), generator=g).to(device)
     labels = ids.masked_fill(torch.rand(ids.shape, generator=g).to(device) < 0.3, -100)
-    was_training = model.training
+    was_training, undo = model.training, None
     model.eval()
     try:
         with torch.no_grad():
             plain = model(input_ids=ids, labels=labels, use_cache=False).loss.float()
             undo = _swap(model)
             chunked = model(input_ids=ids, labels=labels, use_cache=False).loss.float()
+    except Exception as e:  # a model or transformers version this cannot drive: train with the model's own loss
+        if undo:
+            undo()
+        return note(f"the probe failed ({type(e).__name__}: {str(e)[:120]})")
     finally:
         model.train(was_training)
     if torch.isclose(plain, chunked, rtol=1e-4, atol=1e-5):

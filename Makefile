@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 	$(PY) INFER.py --model out --prompt "Once upon a time" --max-new-tokens 60
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder tests  # -rs: name skips and why; -n 2: two workers, a file each, slowest first (conftest)
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests   # -rs: name skipped tests and why; -n 2: two workers, a file each
 
 clean:
 	rm -rf $(VENV) out

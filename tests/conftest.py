@@ -59,13 +59,3 @@ def reference_nll(path, texts):
         n += ids.shape[1] - 1
     return nll, n
 
-
-# Slowest files first (seconds on 2 cores, from --durations): pytest-xdist's loadfile hands files to the two
-# workers in this order, so no long file starts last and leaves one worker idle at the end.
-SLOW_FIRST = ["test_export.py", "test_gpu_check.py", "test_train.py", "test_faults.py", "test_infer.py",
-              "test_distributed.py", "test_defaults.py", "test_lora.py", "test_bad_input.py", "test_serve.py"]
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(SLOW_FIRST)))
