@@ -11,7 +11,7 @@ tokens). The assistant's spans are found by rendering growing prefixes of the co
 them with the whole (as torchtune and axolotl do), so any template works, with or without
 {% generation %} markers. A tokenizer without a template gets CHATML below.
 """
-from CONFIG import UserError
+from CONFIG import UserError, first_line, log
 
 ROLES = ("system", "user", "assistant")
 # loss_on when data.loss_on is not set: it follows the data
@@ -72,9 +72,11 @@ def texts_of(sample):
 
 
 def with_template(tokenizer):
-    """Give a tokenizer without a chat template the default one (saved with it, so INFER.py --chat and plain
-    apply_chat_template render conversations as training did)."""
+    """Give a tokenizer without a chat template the default one, saying so (saved with it, so INFER.py --chat and
+    plain apply_chat_template render conversations as training did)."""
     if not tokenizer.chat_template:
+        log("the tokenizer has no chat template: conversations are rendered with the default ChatML one "
+            "(README: Conversations), saved with the model for INFER.py --chat")
         tokenizer.chat_template = CHATML
     return tokenizer
 
@@ -83,7 +85,7 @@ def template(tokenizer, messages, where, generation_prompt=False):
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as e:  # jinja's own errors, or raise_exception() inside the template
-        raise UserError(f"{where}: the chat template refused this conversation ({str(e).splitlines()[0][:120]})")
+        raise UserError(f"{where}: the chat template refused this conversation ({first_line(e, 120)})")
 
 
 def assistant_spans(tokenizer, messages, where, last_only):

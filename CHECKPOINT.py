@@ -7,14 +7,21 @@ sibling, flushed to disk and renamed into place when complete (ATOMIC.py), so th
 is always whole, even after a power cut.
 """
 import dataclasses
-import json
 import os
+import pickle
 import re
 import shutil
 
+import torch
+import torch.distributed as dist
+import yaml
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+
 import CONFIG
 from ATOMIC import clear_stale, replacing
-from CONFIG import UserError, log
+from CONFIG import UserError, first_line, log
+from DISTRIBUTED import barrier
 
 STATE = "training_state.pt"
 CONFIG_FILE = "train_config.yaml"
@@ -42,7 +49,6 @@ def checkpoints(out_dir):
 
 def write_model_dir(path, model, tokenizer, cfg, state=None, state_dict=None):
     """Write a loadable model directory to a temporary sibling, then rename it into place (atomic)."""
-    import torch
     try:
         with replacing(path) as tmp:
             model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
@@ -57,37 +63,41 @@ def write_model_dir(path, model, tokenizer, cfg, state=None, state_dict=None):
                         "permissions; the previous checkpoint is intact")
 
 
-def save(out, name, model, tokenizer, cfg, progress, optimizer, scaler, device, fsdp, rank, world, keep_last):
-    """Write OUT/name, a complete checkpoint (collective under torchrun: every rank calls it; rank 0 writes)."""
-    import torch
-    import torch.distributed as dist
-    weights, optim_state = full_state(model, optimizer) if fsdp else (None, optimizer.state_dict())
+def training_state(run, optimizer, progress, fsdp_model=None):
+    """What training_state.pt holds: the Progress, optimizer and scaler states, and every rank's RNG, so a resume
+    on as many ranks continues dropout exactly (collective under torchrun; the full dict on rank 0 only).
+    fsdp_model: an FSDP run's model, whose optimizer state is gathered from its shards."""
+    optim_state = full_optimizer_state(fsdp_model, optimizer) if fsdp_model else optimizer.state_dict()
     rng = [torch.get_rng_state()]
-    if world > 1:  # every rank's dropout RNG, so a resume on as many ranks continues exactly
-        local = rng[0].to(device)  # NCCL gathers GPU tensors only; on CPU this is a no-op
-        rng = [torch.empty_like(local) for _ in range(world)]
+    if run.world > 1:
+        local = rng[0].to(run.device)  # NCCL gathers GPU tensors only; on CPU this is a no-op
+        rng = [torch.empty_like(local) for _ in range(run.world)]
         dist.all_gather(rng, local)
         rng = [r.cpu() for r in rng]
-    path = os.path.join(out, name)
-    if rank == 0:
-        state = {**dataclasses.asdict(progress), "optimizer": optim_state, "scaler": scaler.state_dict(),
-                 "rng_cpu": rng, "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {**dataclasses.asdict(progress), "optimizer": optim_state, "scaler": run.scaler.state_dict(),
+            "rng_cpu": rng, "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save(run, cfg, name, model, tokenizer, state):
+    """Write OUT/name, a complete checkpoint of model, tokenizer, config and training_state(…) (collective under
+    torchrun: every rank calls it, rank 0 writes, nobody goes on before it is complete). -> its path"""
+    weights = full_weights(model) if cfg.training.fsdp else None
+    path = os.path.join(cfg.output.dir, name)
+    if run.master:
         write_model_dir(path, model, tokenizer, cfg, state, weights)
-        for _, stale in checkpoints(out)[:-keep_last]:
+        for _, stale in checkpoints(cfg.output.dir)[:-cfg.training.keep_last]:
             shutil.rmtree(stale, ignore_errors=True)
-    if world > 1:
-        dist.barrier()  # nobody goes on before the checkpoint is complete
+    barrier(run)
     return path
 
 
-def full_state(model, optimizer):
-    """FSDP: (full model state dict, optimizer state keyed by parameter index, as optimizer.state_dict() is),
-    gathered to rank 0 (collective). The checkpoint format is then the same for plain, DDP and FSDP runs."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    weights = get_model_state_dict(model, options=StateDictOptions(**FULL))  # rank 0 gets it, the others {}
+def full_weights(model):
+    """An FSDP model's full state dict, gathered to rank 0 (the other ranks get {}; collective), so the
+    checkpoint format is the same for plain, DDP and FSDP runs."""
+    weights = get_model_state_dict(model, options=StateDictOptions(**FULL))
     for tied in getattr(model, "all_tied_weights_keys", None) or {}:  # as save_pretrained: one copy
         weights.pop(tied, None)
-    return weights, full_optimizer_state(model, optimizer)
+    return weights
 
 
 def save_final(out_dir, model, tokenizer, cfg, state_dict=None):
@@ -118,15 +128,6 @@ def prepare_out_dir(cfg):
         log(f"--overwrite: removed the previous run's checkpoints and metrics in {out}")
 
 
-def trim_metrics(path, step):
-    """Drop metrics logged after the checkpoint we resume from: those steps are about to be run again."""
-    if os.path.exists(path):
-        with open(path) as fh:
-            rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
-        with open(path, "w") as fh:
-            fh.writelines(rows)
-
-
 def resume_path(cfg):
     r, out = cfg.training.resume, cfg.output.dir
     if r is None:
@@ -144,22 +145,19 @@ def resume_path(cfg):
 def changed_settings(path, cfg):
     """["key: checkpoint's value -> this run's"] for settings (output dir and resume aside) that differ from
     those the checkpoint at `path` was trained with, e.g. a resume typed without the run's --model."""
-    import yaml
     saved = os.path.join(path, CONFIG_FILE)
     old = yaml.safe_load(open(saved)) if os.path.exists(saved) else {}
     return [f"{sec}.{k}: {old[sec][k]!r} -> {v!r}" for sec, values in CONFIG.to_dict(cfg).items() if sec != "output"
             for k, v in values.items() if k != "resume" and k in old.get(sec, {}) and old[sec][k] != v]
 
 
-def load_state(path, optimizer, scaler, rank=0, world=1, fsdp_model=None):
+def load_state(path, run, optimizer, fsdp_model=None):
     """Restore optimizer, scaler and RNG from training_state.pt and return the run's Progress.
     weights_only=True: tensors and plain data only."""
-    import pickle
-    import torch
     try:
         state = torch.load(os.path.join(path, STATE), weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{path}/{STATE}: refused to load ({str(e).splitlines()[0][:160]}) - it is corrupt or holds "
+        raise UserError(f"{path}/{STATE}: refused to load ({first_line(e)}) - it is corrupt or holds "
                         "objects other than tensors; use another checkpoint")
     try:
         if fsdp_model is None:
@@ -172,17 +170,17 @@ def load_state(path, optimizer, scaler, rank=0, world=1, fsdp_model=None):
                 if "exp_avg" in s and s["exp_avg"].shape != p.shape:
                     raise ValueError(f"optimizer state of shape {tuple(s['exp_avg'].shape)} for a parameter of "
                                      f"shape {tuple(p.shape)}")
-        scaler.load_state_dict(state["scaler"])
+        run.scaler.load_state_dict(state["scaler"])
         rngs = state["rng_cpu"]
-        if len(rngs) == world:
-            torch.set_rng_state(rngs[rank])
+        if len(rngs) == run.world:
+            torch.set_rng_state(rngs[run.rank])
         else:  # the world size changed: dropout cannot continue exactly, so re-seed it per rank
-            torch.manual_seed(state["step"] * 1000 + rank)
-            log(f"note: checkpoint written by {len(rngs)} processes, resumed on {world}: dropout RNG re-seeded")
+            torch.manual_seed(state["step"] * 1000 + run.rank)
+            log(f"note: checkpoint written by {len(rngs)} processes, resumed on {run.world}: dropout RNG re-seeded")
         if torch.cuda.is_available() and state["rng_cuda"]:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
     except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}/{STATE}: does not match the model ({str(e).splitlines()[0][:160]}) - resume with the "
+        raise UserError(f"{path}/{STATE}: does not match the model ({first_line(e)}) - resume with the "
                         "checkpoint's own model directory, or start fresh")
     return Progress(**{f.name: state.get(f.name, f.default) for f in dataclasses.fields(Progress)})
 
@@ -190,7 +188,6 @@ def load_state(path, optimizer, scaler, rank=0, world=1, fsdp_model=None):
 def full_optimizer_state(model, optimizer):
     """An FSDP optimizer's state gathered and keyed by parameter index, as optimizer.state_dict() is, so the
     checkpoint format is the same for plain, DDP and FSDP runs (collective: every rank calls it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(**FULL))
     if not full:  # with cpu_offload only rank 0 receives the gathered state
         return {}
@@ -200,7 +197,7 @@ def full_optimizer_state(model, optimizer):
 
 
 def set_full_optimizer_state(model, optimizer, state):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    """load_state's counterpart of full_optimizer_state: the index-keyed state into the FSDP optimizer's shards."""
     names = {p: n for n, p in model.named_parameters()}
     name = [names[p] for g in optimizer.param_groups for p in g["params"]]
     by_name = {"state": {name[i]: s for i, s in state["state"].items()},

@@ -6,7 +6,8 @@ Precedence: field default < YAML file (--config, default ./config.yaml) < comman
 
 This file is the schema (read it top to bottom: sections, then the defaults that depend on the run's
 purpose) and load(), what every script calls. The generic machinery that turns any such schema into
-YAML keys, flags, type checks and "did you mean" errors is FLAGS.py.
+YAML keys, flags, type checks and "did you mean" errors is FLAGS.py. A loaded config is frozen: what a run
+resolves later (the max_length its model allows) is a new copy, never a change behind the reader's back.
 
     python CONFIG.py --print-config        # the resolved config of the training scripts
 """
@@ -19,10 +20,10 @@ from typing import Literal, Optional
 import yaml
 
 import FLAGS
-from FLAGS import UserError, log, opt, suggest  # noqa: F401 (the project imports them from here)
+from FLAGS import UserError, first_line, log, main_guard, need, opt, replaced, suggest  # noqa: F401 (used from here)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelCfg:
     name: str = opt("gpt2", "local model directory, hub id, or (with from_scratch) an architecture: gpt2, llama, …",
                     flag="--model")
@@ -42,14 +43,14 @@ class ModelCfg:
                                     "in its adapter_config.json)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenizerCfg:
     name: Optional[str] = opt(None, "tokenizer directory or hub id; default: the model's, or a new BPE for scratch",
                               flag="--tokenizer")
     vocab_size: int = opt(4096, "vocabulary size of the byte-level BPE trained for a scratch model", min=260)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataCfg:
     files: list = opt(["data/train.txt", "data/train.jsonl"],
                       ".txt (one sample per non-empty line) and .jsonl files (text, messages, prompt/completion)",
@@ -68,7 +69,7 @@ class DataCfg:
     cache_dir: str = opt("data/.cache", "where tokenized data is cached (memory-mapped, reused across runs)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraCfg:
     enabled: bool = opt(False, "train LoRA adapters (peft) instead of all weights", flag="--lora")
     r: int = opt(8, "LoRA rank", flag="--lora-r", min=1)
@@ -77,13 +78,13 @@ class LoraCfg:
     target_modules: list = opt([], "modules to adapt; default: peft's all-linear (every linear layer but the "
                                "output head)", flag="--lora-target-modules")
     bias: Literal["none", "all", "lora_only"] = opt("none", "which biases to train", flag="--lora-bias")
-    qlora: bool = opt(False, "load the base in 4-bit NF4 (bitsandbytes, CUDA only) and train LoRA on it",
-                      flag="--qlora")
+    qlora: bool = opt(False, "load the base in 4-bit NF4 (bitsandbytes, CUDA only) and train LoRA on it (implies "
+                             "--lora)", flag="--qlora")
     merge: bool = opt(False, "after training also write OUT/merged: base + adapter as one plain model",
                       flag="--merge")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingCfg:
     epochs: float = opt(1.0, "passes over the data (ignored when max_steps is set)", above=0)
     max_steps: Optional[int] = opt(None, "optimizer steps to run; overrides epochs", min=1)
@@ -120,13 +121,13 @@ class TrainingCfg:
                                      "repeatable to the bit on GPUs, somewhat slower")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputCfg:
     dir: str = opt("out", "where checkpoints and the final model are written", flag="--out")
     overwrite: bool = opt(False, "start a fresh run in an output dir that already holds a run")
 
 
-@dataclass
+@dataclass(frozen=True)
 class InferCfg:
     prompt: Optional[str] = opt(None, "text to continue; default: all of stdin")
     max_new_tokens: int = opt(100, "tokens to generate at most", min=1)
@@ -149,7 +150,7 @@ class InferCfg:
                                  "LLM_MINI_API_KEY environment variable, else none)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalCfg:
     stride: Optional[int] = opt(None, "sliding-window step for texts longer than the window (default: the window)",
                                 min=1)
@@ -160,7 +161,7 @@ class EvalCfg:
     plot: Optional[str] = opt(None, "draw OUT/loss.png from OUT/metrics.jsonl of a training run and exit")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportCfg:
     format: Literal["onnx", "torchscript", "gguf"] = opt("onnx", "what to write: onnx (onnxruntime), torchscript "
                                                          "(plain torch) or gguf (llama.cpp)")
@@ -174,7 +175,7 @@ class ExportCfg:
                                min=0, at_most=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelCfg = field(default_factory=ModelCfg)
     tokenizer: TokenizerCfg = field(default_factory=TokenizerCfg)
@@ -190,7 +191,7 @@ class Config:
 # ---------------------------------------------------------------- defaults by purpose
 
 # What a run is for sets the settings the schema leaves unset (None); a value from YAML or a flag wins.
-# Learning rates as the anchors use them: ~1e-3 to pretrain a small model (nanoGPT, litgpt), 5e-5 for a
+# Learning rates as peers use them: ~1e-3 to pretrain a small model (nanoGPT, litgpt), 5e-5 for a
 # full fine-tune (run_clm / the Trainer; 1e-3 wrecks a pretrained model), 2e-4 for LoRA (TRL, QLoRA).
 # Fine-tunes train one sample per document, as TRL, litgpt and axolotl do; pretraining packs.
 PURPOSE_DEFAULTS = {"from scratch": {"training.learning_rate": 1e-3, "data.packing": True, "model.dropout": 0.0},
@@ -205,22 +206,21 @@ MAX_LENGTH_CAP = 1024
 def purpose(cfg):
     if cfg.model.from_scratch:
         return "from scratch"
-    return "LoRA fine-tune" if cfg.lora.enabled or cfg.lora.qlora else "full fine-tune"
+    return "LoRA fine-tune" if cfg.lora.enabled else "full fine-tune"
 
 
-def apply_purpose(cfg):
-    """Fill the unset settings with the defaults of the run's purpose: {key: value} of those it filled."""
-    filled = {}
-    for key, value in PURPOSE_DEFAULTS[purpose(cfg)].items():
-        sec, name = key.split(".")
-        if getattr(getattr(cfg, sec), name) is None:
-            setattr(getattr(cfg, sec), name, value)
-            filled[key] = value
-    return filled
-
-
-def default_max_length(context):
-    return min(context, MAX_LENGTH_CAP)
+def with_max_length(cfg, context):
+    """cfg with training.max_length resolved against the model's context (by default the context, at most
+    MAX_LENGTH_CAP), and the log line that says so (None when it was set)."""
+    if (cfg.training.max_length or 0) > context:
+        raise UserError(f"training.max_length: {cfg.training.max_length} is above the model's context of {context} "
+                        "tokens - lower --max-length")
+    if cfg.training.max_length:
+        return cfg, None
+    length = min(context, MAX_LENGTH_CAP)
+    note = f"max_length {length}: the model's context of {context} tokens" + (
+        f", capped at {MAX_LENGTH_CAP} (--max-length to change)" if context > length else "")
+    return replaced(cfg, {"training.max_length": length}), note
 
 
 def warmup_of(warmup_steps, total_steps):
@@ -241,15 +241,6 @@ EVAL_SECTIONS = ("model", "data", "eval")
 EXPORT_SECTIONS = ("model", "export")
 
 
-def need(module, feature, pip_name=None):
-    """Import an optional package, or fail in one line saying what needs it and what to pip install."""
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"{feature} needs the {pip_name or module} package - pip install {pip_name or module}")
-
-
 def load(argv, sections=TRAIN_SECTIONS, description=None, config_default="config.yaml"):
     """Parse flags and the YAML file into a Config; returns (cfg, the keys set on the command line, --debug).
 
@@ -263,7 +254,7 @@ def load(argv, sections=TRAIN_SECTIONS, description=None, config_default="config
         path = None
     raw = with_flags(FLAGS.read_yaml(path) if path else {}, args)
     cfg = FLAGS.build(Config, raw, sections, f"{path} + flags" if path else "flags", rules)
-    summary, notes = resolve_purpose(cfg, path, config_default) if "training" in sections else (None, {})
+    cfg, summary, notes = resolve_purpose(cfg, path, config_default) if "training" in sections else (cfg, None, {})
     if print_config:
         print((f"# {summary}\n" if summary else "") + dump(cfg, sections, notes), end="")
         sys.exit(0)
@@ -273,24 +264,21 @@ def load(argv, sections=TRAIN_SECTIONS, description=None, config_default="config
 
 
 def with_flags(raw, args):
-    """The YAML's nested dict with the command line's values written over it."""
-    # A --model on the command line means "start from that model's weights" unless --from-scratch is given
-    # too, so `python TRAIN.py --config my.yaml --model DIR` fine-tunes DIR even if my.yaml trains from scratch
-    # (its scratch model's shape and dropout go with it).
+    """The YAML's nested dict with the command line's values written over it. A --model on the command line
+    means "start from that model's weights" unless --from-scratch is given too, so `python TRAIN.py --config
+    my.yaml --model DIR` fine-tunes DIR even if my.yaml trains from scratch (its scratch shape and dropout go)."""
     if "model.name" in args and "model.from_scratch" not in args and isinstance(raw.get("model"), dict):
-        raw["model"] = {k: v for k, v in raw["model"].items() if k not in ("from_scratch", "config_overrides",
-                                                                                 "dropout")}
-    for key, value in args.items():
-        sec, name = key.split(".")
-        raw[sec] = raw[sec] if isinstance(raw.get(sec), dict) else {}
-        raw[sec][name] = value
-    return raw
+        raw["model"] = {k: v for k, v in raw["model"].items() if k not in ("from_scratch", "config_overrides", "dropout")}
+    return FLAGS.overlay(raw, args)
 
 
 def resolve_purpose(cfg, path, config_default):
-    """Fill the purpose's defaults into cfg: (the log line saying which config and defaults apply, the notes
-    that mark them in --print-config)."""
-    filled = apply_purpose(cfg)
+    """cfg with its unset settings filled by the defaults of the run's purpose (QLoRA is LoRA on a 4-bit base),
+    the log line saying which config and defaults apply, and the notes that mark them in --print-config."""
+    cfg = replaced(cfg, {"lora.enabled": True}) if cfg.lora.qlora else cfg
+    filled = {key: value for key, value in PURPOSE_DEFAULTS[purpose(cfg)].items()
+              if getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) is None}
+    cfg = replaced(cfg, filled)
     source = f"config: {path}" if path else "config: built-in defaults" + (
         f" ({config_default}, the default experiment, is read only when the command names no --model; "
         f"--config {config_default} to use it)" if config_default and os.path.exists(config_default) else "")
@@ -298,7 +286,7 @@ def resolve_purpose(cfg, path, config_default):
     notes = {k: f"{purpose(cfg)} default" for k in filled}
     if cfg.training.max_length is None:
         notes["training.max_length"] = f"the model's context, at most {MAX_LENGTH_CAP}"
-    return f"{source} | purpose: {purpose(cfg)}" + (f", so {chosen}" if chosen else ""), notes
+    return cfg, f"{source} | purpose: {purpose(cfg)}" + (f", so {chosen}" if chosen else ""), notes
 
 
 def leaves(sections):
@@ -311,21 +299,6 @@ def to_dict(cfg, sections=TRAIN_SECTIONS):
 
 def dump(cfg, sections=TRAIN_SECTIONS, notes=None):
     return FLAGS.dump(cfg, sections, notes)
-
-
-def main_guard(main):
-    """Run main(argv); user errors become one line on stderr and exit 2 (--debug shows the traceback)."""
-    argv = sys.argv[1:]
-    try:
-        return main(argv)
-    except UserError as e:
-        if "--debug" in argv:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except BrokenPipeError:  # `… | head` closed stdout: stop quietly, as other Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
 
 
 if __name__ == "__main__":

@@ -1,43 +1,79 @@
-"""Several processes and the model the loop calls: torchrun's environment, barriers, DDP or FSDP2, and
-torch.compile. Plain `python TRAIN.py` is one process and none of this changes anything."""
+"""Where a training run computes, as one value built once (Run: rank, world, device, precision), and the model
+the loop calls: DDP or FSDP2 under torchrun, torch.compile. Plain `python TRAIN.py` is one process, world 1,
+and the collectives here do nothing."""
+import contextlib
+import dataclasses
 import gc
 import os
 
+import torch
+import torch.distributed as dist
+from torch._dynamo.utils import counters
+from torch.distributed.fsdp import fully_shard
+
 from CONFIG import UserError
+from MODEL import pick_device, pick_dtype
 
 
-def init_distributed():
-    """(rank, world_size, local_rank) from the environment torchrun sets; (0, 1, 0) for plain `python TRAIN.py`."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    import torch
-    import torch.distributed as dist
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """This process's part of the run. autocast does the math in `dtype` over fp32 weights; the scaler is a no-op
+    unless fp16 (so the loop calls both without an `if`)."""
+    rank: int = 0                                   # this process, 0 .. world - 1
+    world: int = 1                                  # processes (torchrun --nproc_per_node)
+    local_rank: int = 0                             # its GPU on this machine
+    device: torch.device = torch.device("cpu")      # cuda:local_rank under torchrun; compare device.type
+    dtype: torch.dtype = torch.float32              # autocast's precision
+    autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
+    scaler: torch.amp.GradScaler = dataclasses.field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
+
+    @property
+    def master(self):
+        """Only rank 0 logs, writes metrics and checkpoints."""
+        return self.rank == 0
 
 
-def check_fsdp(fsdp, lora, world):
-    if fsdp and lora:
+def init(mcfg):
+    """The Run from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK; none for a plain process) and
+    model.device / model.dtype, as nanochat's compute_init: the process group first, then device and precision."""
+    rank, world, local_rank = 0, 1, 0
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    device = pick_device(mcfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dtype = pick_dtype(mcfg.dtype, device, "train")
+    return Run(rank, world, local_rank, device, dtype,
+               torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32),
+               torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+
+
+def check_fsdp(t, lora, run):
+    if t.fsdp and lora.enabled:
         raise UserError("--fsdp with --lora is not supported - LoRA state is small: use plain torchrun (DDP)")
-    if fsdp and world == 1:
+    if t.fsdp and run.world == 1:
         raise UserError("--fsdp shards the model over processes - launch with torchrun --nproc_per_node N TRAIN.py …")
 
 
-def barrier(world):
-    if world > 1:
-        import torch.distributed as dist
+def barrier(run):
+    if run.world > 1:
         dist.barrier()
 
 
-def agreed_max(value, world, device):
+def rank0_first(run, fn):
+    """fn() on rank 0, then on the others: rank 0 writes a cache (tokenizer, tokens) that the others then read."""
+    result = fn() if run.rank == 0 else None
+    barrier(run)
+    return result if run.rank == 0 else fn()
+
+
+def agreed_max(value, run):
     """The largest of every rank's value (collective); the value itself in one process."""
-    if world == 1:
+    if run.world == 1:
         return value
-    import torch
-    import torch.distributed as dist
-    flag = torch.tensor(value, device=device)
+    flag = torch.tensor(value, device=run.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag)
 
@@ -45,31 +81,31 @@ def agreed_max(value, world, device):
 def shutdown():
     """End the process group, if any. DDP's reducer (and the gloo work it holds) is freed first: gloo threads
     that outlive the process group can abort the interpreter at exit (SIGABRT after a finished run, seen)."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
 
-def wrap(raw_model, t, world, local_rank, device):
-    """The model the loop calls, and the switch for gradient all-reduce: gradient checkpointing, compile,
-    then FSDP (in place) or DDP. Checkpoints always save raw_model: not compiled, not wrapped."""
-    import torch
+def wrap(raw_model, t, run):
+    """The model the loop calls, and the switch for gradient all-reduce: gradient checkpointing, compile, then
+    FSDP (in place) or DDP. Checkpoints always save raw_model: not compiled, not wrapped."""
     if t.grad_checkpointing:
         raw_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = compile_model(raw_model) if t.compile else raw_model
+    # dynamic shapes: batches differ in length; where dynamo cannot compile (no C++ compiler, an unsupported
+    # op) the run falls back to eager with a warning (TRAIN.py sets suppress_errors) and compile_report says so
+    model = torch.compile(raw_model, dynamic=True) if t.compile else raw_model
     if t.fsdp:
         shard(raw_model)  # parameters become DTensor shards
         return model, raw_model.set_requires_gradient_sync
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if "cuda" in device else None)
+    if run.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
     return model, lambda on: setattr(model, "require_backward_grad_sync", on)
 
 
 def shard(model):
     """FSDP2: shard every transformer block (the classes HF lists in _no_split_modules), then the rest."""
-    from torch.distributed.fsdp import fully_shard
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in blocks:
@@ -77,18 +113,8 @@ def shard(model):
     return fully_shard(model)
 
 
-def compile_model(model):
-    """torch.compile; where it cannot compile (no C++ compiler, an unsupported op) dynamo falls back to eager
-    with a warning instead of failing the run (compile_report says which happened)."""
-    import torch
-    import torch._dynamo
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(model, dynamic=True)
-
-
 def compile_report():
     """What torch.compile did in this process: graphs compiled and graph breaks, from dynamo's counters."""
-    from torch._dynamo.utils import counters
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     if not graphs:
         return "torch.compile compiled nothing: the run was eager (see the warning above)"

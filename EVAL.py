@@ -11,14 +11,24 @@ plus EOS, every token but the first scored exactly once; a conversation scores o
 (data.loss_on). Perplexity is exp(sum of NLL / number of scored tokens) over all the data, not a mean of
 batch means; bits per byte divide by the UTF-8 bytes of the scored text.
 """
+import dataclasses
 import itertools
 import json
 import math
 import os
 import sys
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
 import CONFIG
-from CONFIG import UserError, log, need
+from BATCHES import collate, count_targets, gather
+from CHAT import encode, with_template
+from CONFIG import UserError, need
+from DATA import check_files, check_loss_on, read_all
+from MODEL import context_length, load_for_use, no_padding_warning
+from TOKENIZER import load_tokenizer
 
 
 def windows(n, window, stride):
@@ -34,30 +44,28 @@ def windows(n, window, stride):
     return out
 
 
-def score(model, batch, device):
+def score(model, batch):
     """Log-probabilities of the target tokens of [(ids, labels, position ids)]: [(target ids, logprob rows)]."""
-    import torch
-    from DATA import collate
     b = collate(batch, 0)
     with torch.inference_mode():
-        logits = model(input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
+        logits = model(input_ids=b["input_ids"].to(model.device), position_ids=b["position_ids"].to(model.device),
                        use_cache=False).logits.float()
     logprobs = torch.log_softmax(logits[:, :-1], dim=-1).cpu()  # (B, T-1, V): position t predicts token t+1
     labels = b["labels"][:, 1:]
     return [(labels[row][labels[row] != -100], logprobs[row][labels[row] != -100]) for row in range(len(batch))]
 
 
-def evaluate(model, tokenizer, samples, window, stride, batch_size, device, loss_on=None, on_document=None):
-    """Sum of NLL, scored tokens and target UTF-8 bytes over [(kind, sample, where)]: each sample is encoded
-    as training encodes it (CHAT.encode: the same tokens and target mask); memory is bounded by one batch
-    of windows and a chunk of samples."""
-    from CHAT import encode
+def evaluate(model, tokenizer, samples, e, loss_on=None, on_document=None):
+    """Sum of NLL, scored tokens and target UTF-8 bytes over [(kind, sample, where)], in windows of e.window
+    tokens every e.stride (the eval section, both set): each sample is encoded as training encodes it
+    (CHAT.encode: the same tokens and target mask); memory is bounded by one batch of windows and a chunk of
+    samples. on_document(doc, parts) sees each document's scored tokens (dumper)."""
     nll, tokens, n_bytes, pending, doc = 0.0, 0, 0, [], 0  # pending: (doc index, (ids, labels, positions))
 
     def flush():
         nonlocal nll, tokens
         doc_parts = {}
-        for (d, _), (targets, lp) in zip(pending, score(model, [p[1] for p in pending], device)):
+        for (d, _), (targets, lp) in zip(pending, score(model, [p[1] for p in pending])):
             picked = lp.gather(1, targets[:, None])[:, 0]
             nll -= float(picked.double().sum())
             tokens += len(targets)
@@ -72,11 +80,11 @@ def evaluate(model, tokenizer, samples, window, stride, batch_size, device, loss
     while chunk := list(itertools.islice(samples, 256)):
         for ids, mask, target_bytes in encode(chunk, tokenizer, loss_on):
             n_bytes += target_bytes
-            for begin, end, n_scored in windows(len(ids), window, stride):
+            for begin, end, n_scored in windows(len(ids), e.window, e.stride):
                 labels = [t if m and i >= end - n_scored else -100
                           for i, t, m in zip(range(begin, end), ids[begin:end], mask[begin:end])]
                 pending.append((doc, (ids[begin:end], [-100] + labels[1:], range(end - begin))))
-                if len(pending) == batch_size:
+                if len(pending) == e.batch_size:
                     flush()
             doc += 1
     if pending:
@@ -84,26 +92,24 @@ def evaluate(model, tokenizer, samples, window, stride, batch_size, device, loss
     return nll, tokens, n_bytes
 
 
-def validate(model, seqs, indices, batch_size, pad_id, device, autocast, rank, world):
+def validate(model, seqs, indices, run, batch_size, pad_id):
     """Validation loss exp-able to perplexity: Σ NLL / Σ target tokens over the sequences `indices` of seqs
-    (not a mean of batch means), in float64. Ranks score disjoint batches and sum; every rank runs the same
-    number of forward passes (FSDP gathers parameters in each), an empty share scoring a dummy with weight 0."""
-    import torch
-    import torch.distributed as dist
-    from DATA import collate, count_targets, gather
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (Σ NLL, Σ targets)
+    (not a mean of batch means), in float64, in the run's precision. Ranks score disjoint batches and sum;
+    every rank runs the same number of forward passes (FSDP gathers parameters in each), an empty share
+    scoring a dummy with weight 0."""
+    sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # (Σ NLL, Σ targets)
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(indices), batch_size * world):
-            mine = indices[start + rank * batch_size:start + (rank + 1) * batch_size]
+        for start in range(0, len(indices), batch_size * run.world):
+            mine = indices[start + run.rank * batch_size:start + (run.rank + 1) * batch_size]
             batch = collate(gather(seqs, mine or indices[:1]), pad_id)
             n = count_targets(batch) if mine else 0
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:  # num_items_in_batch=1: the loss is the sum of the token NLLs
-                nll = model(**batch, num_items_in_batch=torch.tensor(1, device=device), use_cache=False).loss
-            sums += torch.stack([nll.double() * bool(mine), torch.tensor(n, dtype=torch.float64, device=device)])
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            with run.autocast:  # num_items_in_batch=1: the loss is the sum of the token NLLs
+                nll = model(**batch, num_items_in_batch=torch.tensor(1, device=run.device), use_cache=False).loss
+            sums += torch.stack([nll.double() * bool(mine), torch.tensor(n, dtype=torch.float64, device=run.device)])
     model.train()
-    if world > 1:
+    if run.world > 1:
         dist.all_reduce(sums)
     return (sums[0] / sums[1]).item()
 
@@ -111,7 +117,6 @@ def validate(model, seqs, indices, batch_size, pad_id, device, autocast, rank, w
 def dumper(path, top_k):
     """A per-document callback writing token ids and log-probabilities (JSONL streams; .npy is kept in memory)."""
     if path.endswith(".npy"):
-        import numpy as np
         chunks = []
         return (lambda doc, parts: chunks.extend(p[2].numpy() for p in parts)), (
             lambda: np.save(path, np.concatenate(chunks).astype("float32") if chunks else np.zeros(0, "float32")))
@@ -145,7 +150,7 @@ def plot_metrics(out_dir):
     if not os.path.exists(path):
         raise UserError(f"{path}: no metrics to plot - pass the --out directory of a training run")
     need("matplotlib", "the loss plot").use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: only the plot needs it
     rows = [json.loads(line) for line in open(path) if line.strip()]
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))
     ax.plot([r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r], label="train loss")
@@ -172,26 +177,22 @@ def main(argv):
         return
     if "model.name" not in flags or "data.files" not in flags:
         raise UserError("--model and --data are required: e.g. python EVAL.py --model out --data data/train.txt")
-    from DATA import check_files, check_loss_on, read_all
     check_files(cfg.data.files)
     chat = "messages" in check_loss_on(cfg.data.files, cfg.data.loss_on).values()
-
-    from MODEL import context_length, load_for_use, no_padding_warning
     no_padding_warning()
-    model, tokenizer, device = load_for_use(cfg.model, "score")
-    if chat and not tokenizer.chat_template:
-        from CHAT import with_template
-        log("the tokenizer has no chat template: conversations are rendered with the default ChatML one")
+    model = load_for_use(cfg.model, "score")
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    if chat:
         with_template(tokenizer)
-    window = e.window or context_length(model.config)
-    if window > context_length(model.config):
-        raise UserError(f"eval.window: {window} is above the model's context of {context_length(model.config)}")
-    stride = e.stride or window
-    if stride > window:
-        raise UserError(f"eval.stride: {stride} is above the window of {window} tokens - tokens would go unscored")
+    context = context_length(model.config)
+    if (e.window or 0) > context:
+        raise UserError(f"eval.window: {e.window} is above the model's context of {context}")
+    e = dataclasses.replace(e, window=e.window or context)
+    if (e.stride or 0) > e.window:
+        raise UserError(f"eval.stride: {e.stride} is above the window of {e.window} tokens - tokens would go unscored")
+    e = dataclasses.replace(e, stride=e.stride or e.window)
     on_doc, close = dumper(e.dump, e.dump_top_k) if e.dump else (None, None)
-    nll, tokens, n_bytes = evaluate(model, tokenizer, read_all(cfg.data.files), window, stride, e.batch_size,
-                                    device, cfg.data.loss_on, on_doc)
+    nll, tokens, n_bytes = evaluate(model, tokenizer, read_all(cfg.data.files), e, cfg.data.loss_on, on_doc)
     if close:
         close()
     print(f"perplexity     {math.exp(nll / tokens):.4f}")

@@ -10,19 +10,23 @@ GGUF holds the weights and the tokenizer in llama.cpp's layout (gpt2 and llama a
 reading it back with transformers and, when llama-cpp-python is installed, by generating with llama.cpp.
 A LoRA adapter directory is merged into its base first. A failed check is an error, never a silent success.
 """
+import dataclasses
 import os
 import subprocess
 import sys
 import tempfile
 
+import torch
+
 import CONFIG
+from ATOMIC import fsync, fsync_folder, scratch
 from CONFIG import UserError, log, need
+from MODEL import load_for_use
+from TOKENIZER import load_tokenizer
 
 
 def logits_module(model):
     """The model as a plain (input_ids, attention_mask) -> logits module, without a KV cache."""
-    import torch
-
     class Logits(torch.nn.Module):
         def __init__(self, model):
             super().__init__()
@@ -35,7 +39,6 @@ def logits_module(model):
 
 def examples(vocab, seed=0):
     """Inputs of several shapes, each with a right-padded row, so the export is checked on padding too."""
-    import torch
     g = torch.Generator().manual_seed(seed)
     out = []
     for batch, seq in [(2, 7), (1, 3), (3, 19), (2, 33)]:
@@ -52,7 +55,6 @@ def masked_max_diff(a, b, mask):
 
 
 def export_torchscript(module, inputs, path):
-    import torch
     with torch.no_grad():
         traced = torch.jit.trace(module, inputs[0], check_trace=False)
     traced.save(path)
@@ -72,7 +74,6 @@ def export_torchscript(module, inputs, path):
 
 
 def export_onnx(module, inputs, path):
-    import torch
     need("onnxscript", "the ONNX export")
     ort = need("onnxruntime", "the ONNX export")
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
@@ -93,7 +94,8 @@ def export(model, tokenizer, cfg, path, stem):
     """Write `path` and check it in its runtime: (the file's description, what was verified)."""
     e = cfg.export
     if e.format == "gguf":
-        import GGUF
+        need("gguf", "--format gguf")
+        import GGUF  # only for this format: it needs the optional gguf package
         GGUF.write(model, tokenizer, path, e.quant, os.path.basename(stem))
         return f"gguf {e.quant}", "; ".join(GGUF.verify(model, tokenizer, path, e.quant, e.min_agreement))
     module, inputs = logits_module(model), examples(model.config.vocab_size)
@@ -120,11 +122,9 @@ def main(argv):
     if os.path.exists(path) and not e.overwrite:
         raise UserError(f"--out {path}: already exists - pass --overwrite to replace it, or choose another --out")
 
-    from ATOMIC import fsync, fsync_folder, scratch
-    from MODEL import load_for_use
-    if e.format == "torchscript":  # tracing needs plain attention ops
-        cfg.model.attn_implementation = "eager"
-    model, tokenizer, _ = load_for_use(cfg.model, "export")
+    # tracing needs plain attention ops
+    mcfg = dataclasses.replace(cfg.model, attn_implementation="eager") if e.format == "torchscript" else cfg.model
+    model, tokenizer = load_for_use(mcfg, "export"), load_tokenizer(mcfg.name, mcfg.trust_remote_code)
     if hasattr(model, "merge_and_unload"):  # a LoRA adapter: fold it into the base first
         model = model.merge_and_unload()
     # written and checked in a scratch folder beside --out (ATOMIC's temporary sibling), moved there only once

@@ -1,10 +1,12 @@
-"""The machinery behind CONFIG.py: a schema of nested dataclasses as YAML keys and command-line flags, type
-checks, every error at once with "did you mean", and the YAML dump. Generic: it names no setting; CONFIG.py
-holds the schema and passes it in (`root`, the top dataclass, and the sections a script uses).
+"""The command line of every script: a schema of nested dataclasses as YAML keys and flags, type checks, every
+error at once with "did you mean", and the YAML dump; plus how a script fails (UserError: one line, exit 2)
+and reports (log: stderr). Generic: it names no setting; CONFIG.py holds the schema and passes it in (`root`,
+the top dataclass, and the sections a script uses).
 """
 import argparse
 import dataclasses
 import difflib
+import importlib
 import os
 import sys
 import typing
@@ -31,6 +33,37 @@ def log(*a):
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line on stderr with exit code 2, no traceback."""
+
+
+def first_line(error, limit=160):
+    """An exception's message cut to its first line, to quote inside one of our one-line errors."""
+    lines = str(error).splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
+def need(module, feature, pip_name=None):
+    """Import an optional package, or fail in one line saying what needs it and what to pip install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{feature} needs the {pip_name or module} package - pip install {pip_name or module}")
+
+
+def main_guard(main):
+    """Exit with main(sys.argv[1:])'s return code; a UserError becomes one line on stderr and exit 2 (--debug
+    shows the traceback)."""
+    argv = sys.argv[1:]
+    try:
+        code = main(argv)
+    except UserError as e:
+        if "--debug" in argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except BrokenPipeError:  # `… | head` closed stdout: stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    sys.exit(code)
 
 
 # ---------------------------------------------------------------- schema walking
@@ -129,7 +162,7 @@ def read_yaml(path):
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise UserError(f"{where}: YAML does not parse ({problem}) - fix the syntax on that line")
     if data is None:
         return {}
@@ -138,10 +171,19 @@ def read_yaml(path):
     return data
 
 
+def overlay(raw, args):
+    """The nested dict `raw` (from YAML) with {"section.key": value} written over it."""
+    for key, value in args.items():
+        sec, name = key.split(".")
+        raw[sec] = raw[sec] if isinstance(raw.get(sec), dict) else {}
+        raw[sec][name] = value
+    return raw
+
+
 def build(root, raw, sections, source, rules=lambda cfg: []):
     """Nested dict -> an instance of `root`, collecting every problem (rules(cfg): those across settings)
     before raising one UserError."""
-    errors, cfg = [], root()
+    errors, values_of = [], {sec: {} for sec in sections}
     all_keys = [f"{s}.{f.name}" for s, f, _ in leaves(root, sections)]
     for sec, values in raw.items():
         if sec not in sections:
@@ -163,9 +205,11 @@ def build(root, raw, sections, source, rules=lambda cfg: []):
             try:
                 value = convert(value, typ, f"{sec}.{key}")
                 check_range(value, f, f"{sec}.{key}")
-                setattr(getattr(cfg, sec), key, value)
+                values_of[sec][key] = value
             except UserError as e:
                 errors.append(str(e))
+    hints = typing.get_type_hints(root)
+    cfg = root(**{sec: hints[sec](**values_of[sec]) for sec in sections})
     errors += rules(cfg) if not errors else []
     if errors:
         raise UserError(f"{source}: " + "; ".join(errors))
@@ -225,6 +269,15 @@ def make_parser(root, sections, description, config_default):
         else:
             p.add_argument(*names, type=flag_value(typ, key), metavar=key.split(".")[1].upper(), **kw)
     return p
+
+
+def replaced(cfg, values):
+    """A copy of the (frozen) config with {"section.key": value} changed."""
+    sections = {}
+    for key, value in values.items():
+        sec, name = key.split(".")
+        sections.setdefault(sec, {})[name] = value
+    return dataclasses.replace(cfg, **{sec: dataclasses.replace(getattr(cfg, sec), **v) for sec, v in sections.items()})
 
 
 def to_dict(cfg, sections):

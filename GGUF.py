@@ -1,10 +1,17 @@
 """GGUF, llama.cpp's file format: a model's weights and tokenizer written the way llama.cpp's own
 convert_hf_to_gguf.py writes them (gpt2 and llama architectures; f32, f16, q8_0), and the checks that the
-file reads back to what was written and runs in llama.cpp. Used by EXPORT.py --format gguf; the gguf
-package is imported only here."""
+file reads back to what was written and runs in llama.cpp. Used by EXPORT.py --format gguf, which checks
+that the optional gguf package is installed before importing this file."""
+import json
 import os
 
-from CONFIG import UserError, log, need
+import gguf
+import numpy as np
+import torch
+
+from CONFIG import UserError, log
+from MODEL import context_length, load_pretrained
+from TOKENIZER import load_tokenizer
 
 PROMPTS = ["The", "Once upon a time, there was", "It is a truth universally acknowledged that",
            "1, 2, 3, 4,", "\n\nChapter"]
@@ -47,7 +54,7 @@ def rope_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tensors(model, gguf):
+def tensors(model):
     """(GGUF name, float32 numpy array) for every weight, in llama.cpp's layout."""
     c = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[c.model_type.upper()], c.num_hidden_layers)
@@ -68,7 +75,7 @@ def tensors(model, gguf):
         yield new, t.contiguous().numpy()
 
 
-def tensor_type(name, array, quant, gguf):
+def tensor_type(name, array, quant):
     """llama.cpp's converter's choice: vectors (norms, biases) and position embeddings stay f32; q8_0 needs
     rows that split into blocks of 32, else f16."""
     T = gguf.GGMLQuantizationType
@@ -93,9 +100,8 @@ def pre_tokenizer(tok_json):
     return None
 
 
-def write_vocab(w, tokenizer, vocab_size, gguf):
+def write_vocab(w, tokenizer, vocab_size):
     """The tokenizer, embedded: tokens by id, their types, BPE merges, special ids, chat template."""
-    import json
     tok_json = json.loads(tokenizer.backend_tokenizer.to_str())
     bpe, pre = tok_json["model"], pre_tokenizer(tok_json)
     if bpe["type"] != "BPE" or bpe.get("byte_fallback") or (tok_json.get("decoder") or {}).get("type") != "ByteLevel":
@@ -124,16 +130,14 @@ def write_vocab(w, tokenizer, vocab_size, gguf):
         w.add_chat_template(tokenizer.chat_template)
 
 
-def roundtrip(name, array, quant, gguf):
+def roundtrip(name, array, quant):
     """The values a reader gets back for `array` stored at `quant`."""
-    qtype = tensor_type(name, array, quant, gguf)
+    qtype = tensor_type(name, array, quant)
     return gguf.quants.dequantize(gguf.quants.quantize(array, qtype), qtype).reshape(array.shape)
 
 
 def write(model, tokenizer, path, quant, name):
     """The GGUF file: architecture metadata, the tokenizer, then every tensor at its type."""
-    gguf = need("gguf", "--format gguf")
-    from MODEL import context_length
     c = model.config
     check_arch(c)
     w = gguf.GGUFWriter(path, c.model_type)
@@ -158,9 +162,9 @@ def write(model, tokenizer, path, quant, name):
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
         w.add_vocab_size(c.vocab_size)
-    write_vocab(w, tokenizer, c.vocab_size, gguf)
-    for tensor_name, array in tensors(model, gguf):
-        qtype = tensor_type(tensor_name, array, quant, gguf)
+    write_vocab(w, tokenizer, c.vocab_size)
+    for tensor_name, array in tensors(model):
+        qtype = tensor_type(tensor_name, array, quant)
         w.add_tensor(tensor_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -170,7 +174,6 @@ def write(model, tokenizer, path, quant, name):
 
 def greedy_torch(model, ids, n, eos):
     """PyTorch's greedy continuation of one prompt (token ids), as INFER.py --greedy makes it."""
-    import torch
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=eos)
@@ -181,7 +184,7 @@ def verify(model, tokenizer, path, quant, min_agreement):
     """What was checked, one line each; a failed check raises. llama.cpp runs only where it is installed."""
     checks = [check_readback(model, tokenizer, path, quant)]
     try:
-        import llama_cpp
+        import llama_cpp  # optional: the check in llama.cpp itself runs only where it is installed
     except ImportError:
         log("llama.cpp check skipped: pip install llama-cpp-python to run the file in llama.cpp as part of the export")
         return checks
@@ -190,16 +193,11 @@ def verify(model, tokenizer, path, quant, min_agreement):
 
 def check_readback(model, tokenizer, path, quant):
     """transformers' own GGUF reader must give back exactly the (rounded) weights and the same vocabulary."""
-    import numpy as np
-    import torch
-    import gguf
-    from MODEL import load_pretrained
-    from TOKENIZER import load_tokenizer
-    written, got = dict(tensors(model, gguf)), dict(tensors(load_pretrained(path, torch.float32), gguf))
+    written, got = dict(tensors(model)), dict(tensors(load_pretrained(path, torch.float32)))
     if sorted(written) != sorted(got):
         raise UserError(f"{path}: verification failed - transformers reads back other tensors: "
                         f"{sorted(set(written) ^ set(got))[:4]}")
-    diff = max(float(np.abs(roundtrip(name, a, quant, gguf) - got[name]).max()) for name, a in written.items())
+    diff = max(float(np.abs(roundtrip(name, a, quant) - got[name]).max()) for name, a in written.items())
     if diff != 0:
         raise UserError(f"{path}: verification failed - transformers reads back weights that differ by {diff:.2e}")
     back_tok = load_tokenizer(path)
@@ -217,9 +215,6 @@ def check_llama_cpp(llama_cpp, model, tokenizer, path, quant, min_agreement):
     """In llama.cpp: the same tokens; f32 - PyTorch's greedy continuations exactly; f16/q8_0 - at least
     min_agreement of next-token choices equal to PyTorch's, teacher-forced so one early difference does not
     cascade."""
-    import numpy as np
-    import torch
-    from MODEL import context_length
     n_ctx = min(context_length(model.config), 512)
     llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=os.cpu_count())
     eos, same, agree, total = tokenizer.eos_token_id, 0, 0, 0

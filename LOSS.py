@@ -10,7 +10,7 @@ FSDP, peft and torch.compile see the same module call) with two swaps on the mod
     that have a target and, a few hundred rows at a time, projects them to the vocabulary, sums their NLL
     and computes that chunk's gradients at once; backward only scales the stored gradients.
 
-Peak extra memory is one chunk's logits (CHUNK_ELEMENTS floats) instead of several full copies. `use`
+Peak extra memory is one chunk's logits (CHUNK_ELEMENTS floats) instead of several full copies. `use_chunked`
 checks the swap on the model itself (the same loss as the plain path on a probe batch) and keeps the
 model's own loss where it is not equivalent (logit soft-capping, scaled logits, a custom loss).
 """
@@ -27,11 +27,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     are computed in forward (the logits are needed there anyway) and scaled by grad_output in backward."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, y, chunk_rows, need_grads):
+    def forward(ctx, h, weight, bias, y, grad_enabled):
+        # the caller's grad mode (forward always runs without it): under no_grad only the NLL is computed
+        need_h, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:3])
+        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
         nll = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if need_grads[0] else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grads[1] else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_grads[2] else None
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b and bias is not None else None
         for start in range(0, h.shape[0], chunk_rows):
             hc, yc = h[start:start + chunk_rows], y[start:start + chunk_rows]
             logits = torch.nn.functional.linear(hc, weight, bias).float()  # (n, V); in autocast's dtype, then fp32
@@ -56,7 +59,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors  # scaled in place: no second weight-sized buffer
         scale = lambda g, dtype=None: None if g is None else g.mul_(grad_out).to(dtype or g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w, ctx.dtypes[0]), scale(grad_b, ctx.dtypes[1]), None, None, None
+        return scale(grad_h), scale(grad_w, ctx.dtypes[0]), scale(grad_b, ctx.dtypes[1]), None, None
 
 
 @torch.compiler.disable  # eager under --compile: it is matmuls already, and its row count varies per batch
@@ -68,10 +71,7 @@ def chunked_loss(head, hidden, labels, num_items_in_batch=None, ignore_index=-10
     keep = (shift_labels != ignore_index).reshape(-1).to(hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])[keep]  # (N, H): the positions that are scored
     y = shift_labels.reshape(-1).to(hidden.device)[keep]
-    weight, bias = head.weight, head.bias
-    need = tuple(bool(torch.is_grad_enabled() and t is not None and t.requires_grad) for t in (h, weight, bias))
-    chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    nll = LinearCrossEntropy.apply(h, weight, bias, y, chunk_rows, need)
+    nll = LinearCrossEntropy.apply(h, head.weight, head.bias, y, torch.is_grad_enabled())
     if num_items_in_batch is None:
         return nll / max(1, len(y))
     return nll / (num_items_in_batch.to(nll.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
@@ -81,7 +81,8 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the model it wraps
 
 
-def active(model):
+def is_chunked(model):
+    """Whether use_chunked swapped the chunked loss into this model."""
     return "_loss_function" in vars(unwrap(model))
 
 
@@ -102,7 +103,7 @@ def _swap(model):
     return undo
 
 
-def use(model, device, seed=0):
+def use_chunked(model, device, seed=0):
     """Swap in the chunked loss where it gives this model's own loss on a probe batch. -> None, or why not
     (also said in one line on stderr)."""
     head = unwrap(model).get_output_embeddings()

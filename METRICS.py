@@ -1,78 +1,119 @@
-"""The run's log: its first lines, OUT/metrics.jsonl (one JSON row per log step and per validation), the
-progress bar's postfix, and a plain line per log step where stderr is not a terminal. TRAIN.py calls these;
-only rank 0 writes (metrics is None on the other ranks)."""
+"""The run's log: its first line, the progress bar on stderr (a plain line per log step where stderr is not a
+terminal), and OUT/metrics.jsonl, one JSON row per log step and per validation, written by rank 0 only."""
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
 import CONFIG
-from CHECKPOINT import CONFIG_FILE, trim_metrics
+import LOSS
+from CHECKPOINT import CONFIG_FILE
 from CONFIG import log
 
 
-def start_log(cfg, raw_model, data, global_batch, total_steps, device, ptdtype, world, resume, progress, master):
-    """The run's first log lines, its resolved config in OUT, and OUT/metrics.jsonl (open for appending on rank 0)."""
-    from LOSS import active as chunked_loss_active
-    t, out = cfg.training, cfg.output.dir
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    on = [name for name, flag in (("gradient checkpointing", raw_model.is_gradient_checkpointing),
-                                  ("chunked loss", chunked_loss_active(raw_model)), ("torch.compile", t.compile),
+@dataclasses.dataclass
+class Window:
+    """What is summed between two log lines: the loss (a device tensor, so no host sync per step), the tokens,
+    the steps and the seconds spent in them (validation and checkpoints are not counted)."""
+    loss: torch.Tensor
+    tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class Log:
+    """Where the run's log goes, what it sums until the next row, and the wall time spent validating."""
+    bar: tqdm
+    metrics: object            # OUT/metrics.jsonl open for appending, or None on ranks other than 0
+    window: Window
+    started: float             # time.perf_counter() at the start
+    val_seconds: float = 0.0
+
+
+def summary(cfg, run, model, n_sequences, total_steps):
+    """The run's first log line: model size, data, batch, schedule, device and precision, what is on."""
+    t = cfg.training
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    on = [name for name, flag in (("gradient checkpointing", model.is_gradient_checkpointing),
+                                  ("chunked loss", LOSS.is_chunked(model)), ("torch.compile", t.compile),
                                   ("FSDP", t.fsdp)) if flag]
-    log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | {len(data)} sequences | "
-        f"global batch {global_batch} = {t.batch_size} x {t.grad_accum} accum x {world} ranks | {total_steps} steps "
-        f"({CONFIG.warmup_of(t.warmup_steps, total_steps)} warmup) at peak lr {t.learning_rate:g} | "
-        f"{device} {str(ptdtype)[6:]}" + "".join(f" | {name} on" for name in on))
-    if resume:
-        log(f"resumed from {resume} at step {progress.step}")
-    if not master:
-        return None
-    if resume:
-        trim_metrics(os.path.join(out, "metrics.jsonl"), progress.step)
+    return (f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | {n_sequences} sequences | global "
+            f"batch {t.batch_size * t.grad_accum * run.world} = {t.batch_size} x {t.grad_accum} accum x {run.world} "
+            f"ranks | {total_steps} steps ({CONFIG.warmup_of(t.warmup_steps, total_steps)} warmup) at peak lr "
+            f"{t.learning_rate:g} | {run.device.type} {str(run.dtype).removeprefix('torch.')}"
+            + "".join(f" | {name} on" for name in on))
+
+
+def open_log(cfg, run, total_steps, step, resumed):
+    """The run's Log from `step` of total_steps. Rank 0 writes the resolved config to OUT and opens
+    OUT/metrics.jsonl, dropping a resumed run's rows after `step` (those steps are about to run again)."""
+    out = cfg.output.dir
+    bar = tqdm(total=total_steps, initial=step, file=sys.stderr, dynamic_ncols=True, disable=None if run.master else True)
+    if not run.master:
+        return Log(bar, None, Window(torch.zeros((), device=run.device)), time.perf_counter())
+    if resumed and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        with open(os.path.join(out, "metrics.jsonl")) as fh:
+            rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+        with open(os.path.join(out, "metrics.jsonl"), "w") as fh:
+            fh.writelines(rows)
     with open(os.path.join(out, CONFIG_FILE), "w") as fh:
         fh.write(CONFIG.dump(cfg))
-    return open(os.path.join(out, "metrics.jsonl"), "a")
+    return Log(bar, open(os.path.join(out, "metrics.jsonl"), "a"), Window(torch.zeros((), device=run.device)),
+               time.perf_counter())
 
 
-def new_window(device):
-    """What is summed between two log lines: start time, loss (a device tensor: no sync per step), tokens, steps."""
-    import torch
-    return {"t0": time.perf_counter(), "loss": torch.zeros((), device=device), "tokens": 0, "steps": 0}
+def tally(run_log, loss, tokens, seconds):
+    """One optimizer step done: its loss, tokens and seconds go into the window, and the bar moves on."""
+    w = run_log.window
+    w.loss, w.tokens, w.steps, w.seconds = w.loss + loss, w.tokens + tokens, w.steps + 1, w.seconds + seconds
+    run_log.bar.update(1)
 
 
-def tally(window, loss, tokens):
-    window["loss"], window["tokens"], window["steps"] = window["loss"] + loss, window["tokens"] + tokens, window["steps"] + 1
+def write_row(run_log, row):
+    if run_log.metrics:
+        run_log.metrics.write(json.dumps(row) + "\n")
+        run_log.metrics.flush()
 
 
-def write_row(metrics, row):
-    if metrics:
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-
-
-def log_row(metrics, bar, window, progress, lr, norm, total_steps, world, device, master):
+def log_step(run_log, run, progress, lr, norm):
     """One metrics row: the mean token loss, lr, gradient norm and tokens/s since the last one (collective)."""
-    import torch
-    import torch.distributed as dist
-    if world > 1:
-        dist.all_reduce(window["loss"])  # each rank holds its share of the mean token loss
-    row = {"step": progress.step, "loss": window["loss"].item() / window["steps"] / world, "lr": lr,
-           "grad_norm": norm.item(), "tokens_per_s": window["tokens"] / (time.perf_counter() - window["t0"]),
+    window = run_log.window
+    run_log.window = Window(torch.zeros((), device=run.device))
+    if run.world > 1:
+        dist.all_reduce(window.loss)  # each rank holds its share of the mean token loss
+    row = {"step": progress.step, "loss": window.loss.item() / window.steps / run.world, "lr": lr,
+           "grad_norm": norm.item(), "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
            "skipped_steps": progress.bad_steps}
-    if "cuda" in str(device):  # peak GPU memory so far, against params + grads + AdamW state
-        row["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    write_row(metrics, row)
-    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-    if bar.disable and master:  # no terminal (a log file, CI): a plain line instead of the progress bar
-        log(f"step {progress.step}/{total_steps} loss {row['loss']:.4f} lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s")
+    if run.device.type == "cuda":  # peak GPU memory so far, against params + grads + AdamW state
+        row["max_memory_gb"] = torch.cuda.max_memory_allocated(run.device) / 1e9
+    write_row(run_log, row)
+    run_log.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+    if run_log.bar.disable and run.master:  # no terminal (a log file, CI): a plain line instead of the bar
+        log(f"step {progress.step}/{run_log.bar.total} loss {row['loss']:.4f} lr {lr:.2e} "
+            f"{row['tokens_per_s']:.0f} tok/s")
 
 
-def log_validation(metrics, bar, step, val_loss, n_sequences, share):
+def log_validation(run_log, step, val_loss, n_sequences, seconds):
+    """One validation row; `seconds` it took, added to the share of the run's wall time spent validating."""
+    run_log.val_seconds += seconds
+    share = run_log.val_seconds / (time.perf_counter() - run_log.started)
     row = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)), "val_sequences": n_sequences,
            "val_share": share}
-    write_row(metrics, row)
-    if metrics:
-        bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity {row['val_ppl']:.2f} ({n_sequences} "
-                  f"sequences; validation is {share:.0%} of the wall time so far)", file=sys.stderr)
+    write_row(run_log, row)
+    if run_log.metrics:
+        run_log.bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity {row['val_ppl']:.2f} "
+                          f"({n_sequences} sequences; validation is {share:.0%} of the wall time so far)", file=sys.stderr)
+
+
+def close(run_log):
+    run_log.bar.close()
+    if run_log.metrics:
+        run_log.metrics.close()

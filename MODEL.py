@@ -2,26 +2,33 @@
 plus the choice of device and precision. Nothing here trains or generates."""
 import importlib.util
 import json
+import logging
 import os
 import socket
 import threading
 import urllib.parse
 
 import torch
+import transformers
+from huggingface_hub import constants, try_to_load_from_cache
+from safetensors import SafetensorError
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
 
-from CONFIG import UserError, log, need, suggest
+from CONFIG import UserError, first_line, log, need, suggest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_device(name):
+    """model.device as a torch.device: auto picks cuda, then mps, then cpu."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to torch - use --device auto or cpu")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: Apple's MPS backend is not available here - use --device auto or cpu")
-    return name
+    return torch.device(name)
 
 
 def cpu_has_native_bf16():
@@ -34,22 +41,31 @@ def cpu_has_native_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def native_bf16(device):
+    """Whether the device runs bf16 math in hardware: CUDA GPUs with bf16 (Ampere on), CPUs with AVX512-BF16/AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def auto_dtype(device_type, purpose, bf16):
+    """What --dtype auto means, given whether the device has native bf16: to "train", autocast to bf16 where it
+    has, else fp16 on CUDA (with the scaler), else fp32; to "generate" (INFER.py), bf16 weights on such a GPU,
+    else fp32; to "score" (EVAL.py) and "export" (EXPORT.py), fp32, for exact numbers."""
+    if purpose == "train":
+        return torch.bfloat16 if bf16 and device_type in ("cuda", "cpu") else \
+            torch.float16 if device_type == "cuda" else torch.float32
+    return torch.bfloat16 if purpose == "generate" and bf16 and device_type == "cuda" else torch.float32
+
+
 def pick_dtype(name, device, purpose):
-    """The precision that --dtype names, for a purpose. auto means: to "train", autocast to bf16 where the
-    hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp16 on older CUDA, else fp32;
-    to "generate" (INFER.py), bf16 weights on CUDA with bf16, else fp32; to "score" (EVAL.py) and "export"
-    (EXPORT.py), fp32, for exact numbers. Asking for bf16 on a CPU without native bf16 gets a warning."""
-    device = device.split(":")[0]
+    """The precision that --dtype names, for a purpose on a torch.device (auto: auto_dtype). Asking for bf16 on a
+    CPU without native bf16 gets a warning; fp16 training on a CPU is refused."""
     if name == "auto":
-        if purpose == "train" and device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if purpose == "train" and device == "cpu" and cpu_has_native_bf16():
-            return torch.bfloat16
-        return torch.bfloat16 if purpose == "generate" and device == "cuda" and torch.cuda.is_bf16_supported() \
-            else torch.float32
-    if name == "float16" and device == "cpu" and purpose == "train":
+        return auto_dtype(device.type, purpose, native_bf16(device))
+    if name == "float16" and device.type == "cpu" and purpose == "train":
         raise UserError("--dtype float16 is not supported for training on CPU - use bfloat16 or float32")
-    if name == "bfloat16" and device == "cpu" and not cpu_has_native_bf16():
+    if name == "bfloat16" and device.type == "cpu" and not cpu_has_native_bf16():
         log("warning: --dtype bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX): matmuls run about 30x "
             "slower than float32 here - use --dtype float32 (or auto)")
     return DTYPES[name]
@@ -57,21 +73,20 @@ def pick_dtype(name, device, purpose):
 
 def load_for_use(mcfg, purpose):
     """The one way INFER.py ("generate"), EVAL.py ("score") and EXPORT.py ("export") load a model: a local
-    directory, hub id, .gguf file or LoRA adapter directory, with its tokenizer, in the precision --dtype
-    means for the purpose, on its device, in eval mode. -> (model, tokenizer, device)"""
-    from TOKENIZER import load_tokenizer
+    directory, hub id, .gguf file or LoRA adapter directory, in the precision --dtype means for the purpose,
+    on its device (model.device), in eval mode. Its tokenizer: TOKENIZER.load_tokenizer(mcfg.name)."""
+    check_source(mcfg.name)
     device = pick_device(mcfg.device)
     check_attention(mcfg.attn_implementation, device)
     model = load_pretrained(mcfg.name, pick_dtype(mcfg.dtype, device, purpose), base_model=mcfg.base_model,
                             attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code)
     if purpose != "export":  # an exported graph keeps the model's own modules
         fuse_activations(model)
-    return model.to(device).eval(), load_tokenizer(mcfg.name, mcfg.trust_remote_code), device
+    return model.to(device).eval()
 
 
 def hub_reachable(timeout=3.0):
     """Whether the Hugging Face Hub answers a TCP connect within `timeout` s (DNS included, which can hang)."""
-    from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return False
     url = urllib.parse.urlparse(constants.ENDPOINT)
@@ -99,7 +114,8 @@ def from_pretrained_args(name):
 
 
 def check_source(name, what="model"):
-    """Fail fast, in one line, when `name` is neither a usable local directory or .gguf file nor a reachable hub id."""
+    """Fail fast, in one line, when `name` is neither a usable local directory or .gguf file nor a reachable hub id.
+    Called once per name, before anything loads from it (offline, the hub probe can take seconds)."""
     if name.endswith(".gguf"):
         if not os.path.isfile(name):
             raise UserError(f"{name}: no such GGUF file - check the path")
@@ -113,7 +129,6 @@ def check_source(name, what="model"):
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.splitext(name)[1] != ""
     if looks_local or os.path.exists(name):
         raise UserError(f"{name}: no such {what} directory - check the path (or give a hub id like gpt2)")
-    from huggingface_hub import try_to_load_from_cache
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return  # already in the local hub cache: loads offline
     if not hub_reachable():
@@ -126,18 +141,17 @@ ADAPTER = "adapter_config.json"
 
 def build_model(mcfg, lcfg, tokenizer, device, seed):
     """The model to train, with fp32 master weights (autocast does the low-precision math); LoRA adapters
-    on a pretrained base when lcfg.enabled."""
-    from transformers import AutoConfig, AutoModelForCausalLM, CONFIG_MAPPING
+    on a pretrained base when lcfg.enabled (its source checked already: check_source)."""
     check_attention(mcfg.attn_implementation, device)
     kw = dict(attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code)
-    if (lcfg.enabled or lcfg.qlora) and mcfg.from_scratch:
+    if lcfg.enabled and mcfg.from_scratch:
         raise UserError("--lora adapts a pretrained model - pass --model DIR or a hub id without --from-scratch")
     if not mcfg.from_scratch and mcfg.dropout is not None:
         raise UserError("model.dropout: sets a from-scratch model's dropout; a pretrained model keeps its own "
                         "(change it in its config.json) - drop --dropout")
     if not mcfg.from_scratch:
         model = load_pretrained(mcfg.name, torch.float32, quantization_config=quantization(lcfg, device), **kw)
-        return add_lora(model, lcfg, mcfg.name) if lcfg.enabled or lcfg.qlora else model
+        return add_lora(model, lcfg, mcfg.name) if lcfg.enabled else model
     if os.path.isdir(mcfg.name):
         config = AutoConfig.from_pretrained(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
     elif mcfg.name in CONFIG_MAPPING:
@@ -162,7 +176,7 @@ def build_model(mcfg, lcfg, tokenizer, device, seed):
         model.loss_type = "ForCausalLM"  # silences transformers' "loss_type=None" warning; same loss
     except (ValueError, TypeError, AssertionError) as e:
         raise UserError(f"model.config_overrides: {mcfg.config_overrides} do not make a valid "
-                        f"{config.model_type} ({str(e).splitlines()[0]})")
+                        f"{config.model_type} ({first_line(e)})")
     return model
 
 
@@ -170,10 +184,9 @@ def quantization(lcfg, device):
     """QLoRA's 4-bit NF4 base (double quantisation, bf16 compute), or None."""
     if not lcfg.qlora:
         return None
-    if not device.startswith("cuda") or importlib.util.find_spec("bitsandbytes") is None:
+    if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("--qlora needs a CUDA GPU and `pip install bitsandbytes` (4-bit NF4 base) - "
                         "--lora works here, on any device")
-    from transformers import BitsAndBytesConfig
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
@@ -191,7 +204,7 @@ def add_lora(model, lcfg, base):
     try:
         model = p.get_peft_model(model, config)
     except ValueError as e:
-        raise UserError(f"lora.target_modules: {targets} ({str(e).splitlines()[0][:160]}) - name modules of "
+        raise UserError(f"lora.target_modules: {targets} ({first_line(e)}) - name modules of "
                         f"{model.config.model_type}, or all-linear")
     # name the base so the adapter directory loads on its own (INFER.py, EVAL.py, peft)
     model.peft_config["default"].base_model_name_or_path = os.path.abspath(base) if os.path.exists(base) else base
@@ -199,23 +212,21 @@ def add_lora(model, lcfg, base):
 
 
 def load_pretrained(path, dtype, base_model=None, trainable=False, **kw):
-    """AutoModelForCausalLM.from_pretrained with one-line errors for missing, foreign or corrupt files.
-    A LoRA adapter directory loads its base (from adapter_config.json, or base_model) plus the adapter."""
-    from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging
-    check_source(path)
+    """AutoModelForCausalLM.from_pretrained with one-line errors for missing, foreign or corrupt files (`path`
+    checked already: check_source). A LoRA adapter directory loads its base (from adapter_config.json, or
+    base_model) plus the adapter."""
     if os.path.exists(os.path.join(path, ADAPTER)):
         base = base_model or json.load(open(os.path.join(path, ADAPTER))).get("base_model_name_or_path")
         if not base:
             raise UserError(f"{path}/{ADAPTER}: names no base model - pass --base-model DIR")
+        check_source(base)
         model = load_pretrained(base, dtype, **kw)
         try:
             return need("peft", "a LoRA adapter directory").PeftModel.from_pretrained(model, path,
                                                                                        is_trainable=trainable)
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
-            raise UserError(f"{path}: could not load the LoRA adapter onto {base} ({str(e).splitlines()[0][:160]})")
-    logging.disable_progress_bar()  # no "Loading weights" bar: stderr is for our own messages
+            raise UserError(f"{path}: could not load the LoRA adapter onto {base} ({first_line(e)})")
+    transformers.logging.disable_progress_bar()  # no "Loading weights" bar: stderr is for our own messages
     where, gguf = from_pretrained_args(path)
     kw = {k: v for k, v in kw.items() if v is not None} | gguf
     try:
@@ -230,7 +241,7 @@ def load_pretrained(path, dtype, base_model=None, trainable=False, **kw):
             model.config.__dict__.pop("quantization_config", None)
         return model
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
-        raise UserError(f"{path}: could not load the model ({str(e).splitlines()[0][:200]}) - the files may be "
+        raise UserError(f"{path}: could not load the model ({first_line(e, 200)}) - the files may be "
                         "corrupt or truncated: copy them again or use another checkpoint")
 
 
@@ -239,7 +250,6 @@ def fuse_activations(model):
     gelu_fast) is the tanh GELU written out in seven element-wise ops, F.gelu(approximate="tanh") is one kernel,
     forward and backward. Only the modules change: the config still says gelu_new, so a saved model loads in
     plain transformers as before. -> how many were swapped"""
-    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
     swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
              if type(child) in (NewGELUActivation, FastGELUActivation)]
     for parent, name in swaps:
@@ -251,7 +261,6 @@ def no_padding_warning():
     """Batches carry position ids and no attention mask (DATA.collate), which transformers takes for unmasked
     padding whenever a row starts or ends with the pad id (GPT-2 pads with EOS, which ends every document):
     that one warning is dropped, nothing else."""
-    import logging
     logging.getLogger("transformers.modeling_utils").addFilter(lambda r: "attention_mask" not in r.getMessage())
 
 
@@ -259,7 +268,6 @@ def keeps_documents_apart(model, device):
     """Whether the model attends within each packed document only: the second of two packed documents must
     get the logits it gets alone (transformers builds a block-diagonal mask from restarting position ids
     in the architectures that use its masking utilities; one that does not would mix documents)."""
-    import torch
     ids = torch.arange(2, 10, device=device)[None] % model.config.vocab_size
     training = model.training
     model.eval()
@@ -271,7 +279,8 @@ def keeps_documents_apart(model, device):
 
 
 def check_attention(impl, device):
-    if impl == "flash_attention_2" and (device != "cuda" or importlib.util.find_spec("flash_attn") is None):
+    """Refuse flash_attention_2 where it cannot run: on any CUDA device (cuda:N under torchrun) with flash-attn."""
+    if impl == "flash_attention_2" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
         raise UserError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and "
                         "`pip install flash-attn` - use sdpa (the default) otherwise")
 

@@ -5,7 +5,7 @@
     POST /v1/chat/completions    messages, max_tokens, temperature, top_p, stop, seed, stream
     POST /v1/completions         prompt, the same options
 
-Generation is INFER.py's (loading, chat template, end of turn, stop strings, sampling): a greedy chat
+Generation is GENERATE.py's, as for INFER.py (loading, chat template, end of turn, stop strings, sampling): a greedy chat
 completion is INFER.py --chat --greedy's answer, token for token. One request generates at a time (a lock:
 the model is not shared between threads); a streaming client that disconnects stops its generation.
 Errors are OpenAI-shaped JSON with a 4xx status: {"error": {"message", "type", "param", "code"}}.
@@ -19,11 +19,17 @@ import threading
 import time
 import types
 import uuid
+from typing import Optional
 
-import CONFIG
+import torch
+import uvicorn  # fastapi and uvicorn: optional, checked by INFER.py --serve before it imports this file
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+import GENERATE
+from CHAT import ROLES
 from CONFIG import UserError, log
-
-ROLES = ("system", "user", "assistant")
 
 
 class RequestError(Exception):
@@ -41,18 +47,27 @@ def number(body, key, default, low, high):
     return value
 
 
-def read_options(body, prompt_len, context):
-    """The request's generation options, checked. -> (max_tokens, sampling, stop strings, seed, stream)"""
-    from INFER import sampling_of
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One request to answer, checked: the prompt's token ids and how to generate its answer."""
+    prompt_ids: list
+    opts: GENERATE.Options
+    seed: Optional[int]
+    stream: bool
+    chat: bool
+
+
+def read_job(body, srv, prompt_ids, chat):
+    """The request's generation options, checked, as a Job."""
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    room = context - prompt_len
+    room = srv.context - len(prompt_ids)
     if max_tokens is None:
         max_tokens = room
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise RequestError(400, f"'max_tokens' must be a positive integer, not {json.dumps(max_tokens)}", "max_tokens")
     if max_tokens > room:
-        raise RequestError(400, f"the model's context is {context} tokens: {prompt_len} in the prompt leave room "
-                                f"for {max(room, 0)}, and max_tokens asks for {max_tokens}", "max_tokens",
+        raise RequestError(400, f"the model's context is {srv.context} tokens: {len(prompt_ids)} in the prompt leave "
+                                f"room for {max(room, 0)}, and max_tokens asks for {max_tokens}", "max_tokens",
                            "context_length_exceeded")
     temperature = number(body, "temperature", 1.0, 0, 2)
     top_p = number(body, "top_p", 1.0, 0, 1)
@@ -65,10 +80,12 @@ def read_options(body, prompt_len, context):
         raise RequestError(400, f"'seed' must be an integer, not {json.dumps(seed)}", "seed")
     if body.get("n", 1) != 1:
         raise RequestError(400, "only n=1 is supported", "n")
-    return max_tokens, sampling_of(False, temperature, 0, top_p or 1e-9), stop, seed, bool(body.get("stream"))
+    stops, eos = GENERATE.stops_and_eos(srv.tokenizer, stop, chat)
+    opts = GENERATE.Options(max_tokens, GENERATE.sampling_of(False, temperature, 0, top_p or 1e-9), stops, eos)
+    return Job(prompt_ids, opts, seed, bool(body.get("stream")), chat)
 
 
-def read_messages(body):
+def messages_of(body):
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
@@ -79,7 +96,7 @@ def read_messages(body):
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def read_prompt(body):
+def prompt_of(body):
     prompt = body.get("prompt")
     prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
     if not isinstance(prompt, str) or not prompt:
@@ -99,36 +116,37 @@ class Served:
 
 def error(status, message, param=None, code=None):
     """An OpenAI-shaped error response."""
-    from fastapi.responses import JSONResponse
     kind = {401: "authentication_error", 404: "not_found_error", 500: "server_error"}.get(status,
                                                                                          "invalid_request_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
-def answer(srv, prompt_ids, opts, stops, eos, on_text=None, cancel=None):
+class Cancelled(StoppingCriteria):
+    """Stops generation once `event` is set (by a client that went away)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kw):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def answer(srv, job, on_text=None, cancel=None):
     """Generate under the lock (one request at a time), streaming text to on_text.write when given, stopping
     early once `cancel` is set. -> (text, completion tokens, finish_reason)"""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-    from INFER import completion, generate, make_streamer, prompt_end
-
-    class Cancelled(StoppingCriteria):  # set by a client that went away
-        def __call__(self, input_ids, scores, **kw):
-            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-    max_tokens, sampling, _, seed, _ = opts
     cancel = cancel or threading.Event()
-    streamer = make_streamer(srv.tokenizer, stops, on_text, end="") if on_text else None
+    streamer = GENERATE.StopStreamer(srv.tokenizer, job.opts.stops, on_text, after="") if on_text else None
     if streamer:
-        streamer.prefix = prompt_end(srv.tokenizer, prompt_ids, stops)
+        streamer.prefix = GENERATE.prompt_end(srv.tokenizer, job.prompt_ids, job.opts.stops)
     with srv.lock:
-        if seed is not None:
-            torch.manual_seed(seed)
-        new = generate(srv.model, srv.tokenizer, [prompt_ids], max_tokens, eos, stops, sampling, streamer=streamer,
-                       stopping_criteria=StoppingCriteriaList([Cancelled()]))[0]
-    text, n, ended = completion(srv.tokenizer, prompt_ids, new, eos, stops)
+        if job.seed is not None:
+            torch.manual_seed(job.seed)
+        new = GENERATE.generate(srv.model, srv.tokenizer, [job.prompt_ids], job.opts, streamer=streamer,
+                                stopping_criteria=StoppingCriteriaList([Cancelled(cancel)]))[0]
+    text, n, ended = GENERATE.completion(srv.tokenizer, job.prompt_ids, new, job.opts)
     if cancel.is_set():
-        log(f"client went away: generation stopped after {len(new)} of at most {max_tokens} tokens")
-    return text, n, "stop" if ended or n < max_tokens else "length"
+        log(f"client went away: generation stopped after {len(new)} of at most {job.opts.max_new_tokens} tokens")
+    return text, n, "stop" if ended or n < job.opts.max_new_tokens else "length"
 
 
 def shapes(name, chat, n_prompt, streaming):
@@ -148,21 +166,21 @@ def shapes(name, chat, n_prompt, streaming):
     return choice, envelope, lambda n: {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
 
 
-async def events(srv, prompt_ids, opts, stops, eos, chat):
+async def events(srv, job):
     """The server-sent events of a streamed answer. Generation runs in a worker thread and hands text over a
     queue; when the client disconnects this generator is closed, and `finally` stops the generation."""
-    choice, envelope, usage = shapes(srv.name, chat, len(prompt_ids), True)
+    choice, envelope, usage = shapes(srv.name, job.chat, len(job.prompt_ids), True)
     pieces, cancel, loop = queue.Queue(), threading.Event(), asyncio.get_running_loop()
     sink = types.SimpleNamespace(write=lambda text: pieces.put(text) if text else None, flush=lambda: None)
 
     def work():
         try:
-            pieces.put(("end",) + answer(srv, prompt_ids, opts, stops, eos, sink, cancel))
+            pieces.put(("end",) + answer(srv, job, sink, cancel))
         except Exception as e:  # noqa: BLE001 - reported to the client as the stream's last event
             pieces.put(("failed", f"{type(e).__name__}: {e}"))
     worker = loop.run_in_executor(None, work)
     try:
-        if chat:
+        if job.chat:
             yield f"data: {json.dumps(envelope([{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]))}\n\n"
         while True:
             item = await loop.run_in_executor(None, pieces.get)
@@ -178,13 +196,12 @@ async def events(srv, prompt_ids, opts, stops, eos, chat):
         await worker
 
 
-async def respond(srv, prompt_ids, opts, stops, eos, chat):
-    from fastapi.responses import JSONResponse, StreamingResponse
-    if opts[4]:
-        return StreamingResponse(events(srv, prompt_ids, opts, stops, eos, chat), media_type="text/event-stream")
-    choice, envelope, usage = shapes(srv.name, chat, len(prompt_ids), False)
+async def respond(srv, job):
+    if job.stream:
+        return StreamingResponse(events(srv, job), media_type="text/event-stream")
+    choice, envelope, usage = shapes(srv.name, job.chat, len(job.prompt_ids), False)
     # in a worker thread: the server keeps answering (health, queued requests) meanwhile
-    text, n, finish = await asyncio.get_running_loop().run_in_executor(None, answer, srv, prompt_ids, opts, stops, eos)
+    text, n, finish = await asyncio.get_running_loop().run_in_executor(None, answer, srv, job)
     return JSONResponse(envelope([choice(text, finish)], usage=usage(n)))
 
 
@@ -203,8 +220,6 @@ async def body_of(request, name):
 
 def make_app(srv, api_key):
     """The FastAPI application: routes, the API key check and the error handlers."""
-    from fastapi import FastAPI, Request
-    from INFER import chat_ids, stops_and_eos
     app = FastAPI()
 
     @app.middleware("http")
@@ -237,30 +252,23 @@ def make_app(srv, api_key):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await body_of(request, srv.name)
-        prompt_ids = chat_ids(srv.tokenizer, read_messages(body))
-        opts = read_options(body, len(prompt_ids), srv.context)
-        return await respond(srv, prompt_ids, opts, *stops_and_eos(srv.tokenizer, opts[2], chat=True), chat=True)
+        return await respond(srv, read_job(body, srv, GENERATE.chat_ids(srv.tokenizer, messages_of(body)), chat=True))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await body_of(request, srv.name)
-        prompt_ids = srv.tokenizer(read_prompt(body))["input_ids"]
-        opts = read_options(body, len(prompt_ids), srv.context)
-        return await respond(srv, prompt_ids, opts, *stops_and_eos(srv.tokenizer, opts[2], chat=False), chat=False)
+        return await respond(srv, read_job(body, srv, srv.tokenizer(prompt_of(body))["input_ids"], chat=False))
     return app
 
 
-def serve(cfg, load):
-    """Serve the model load() returns until Ctrl-C, on --host:--port, with --api-key (or $LLM_MINI_API_KEY)."""
-    CONFIG.need("fastapi", "--serve", "fastapi uvicorn")
-    uvicorn = CONFIG.need("uvicorn", "--serve", "fastapi uvicorn")
-    model, tokenizer = load()
+def serve(cfg):
+    """Load the model and serve it until Ctrl-C, on --host:--port, with --api-key (or $LLM_MINI_API_KEY)."""
+    model, tokenizer = GENERATE.load(cfg.model)
     g, name = cfg.infer, cfg.model.name
     api_key = g.api_key or os.environ.get("LLM_MINI_API_KEY")
     if not tokenizer.chat_template:
         log("note: the tokenizer has no chat template: /v1/chat/completions answers 400, /v1/completions works")
     log(f"serving {name} at http://{g.host}:{g.port}/v1 ({'API key required' if api_key else 'no API key'}); "
         "Ctrl-C to stop")
-    from MODEL import context_length
-    srv = Served(model, tokenizer, name, context_length(model.config))
+    srv = Served(model, tokenizer, name, GENERATE.context_of(model))
     uvicorn.run(make_app(srv, api_key), host=g.host, port=g.port, log_level="warning")

@@ -2,20 +2,25 @@
 import os
 import sys
 
-from CONFIG import UserError
-from MODEL import check_source, from_pretrained_args
+from tokenizers import ByteLevelBPETokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from ATOMIC import replacing
+from CHAT import CHATML, CHATML_TOKENS
+from CONFIG import UserError, first_line, log
+from DATA import fingerprint, iter_texts
+from MODEL import from_pretrained_args
 
 EOS = "<|endoftext|>"
 
 
 def load_tokenizer(name, trust_remote_code=False):
-    from transformers import AutoTokenizer
-    check_source(name, "tokenizer")
+    """The tokenizer of a model directory, .gguf file or hub id (its source checked already: MODEL.check_source)."""
     where, kw = from_pretrained_args(name)
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
     except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{name}: could not load a tokenizer ({str(e).splitlines()[0][:200]}) - "
+        raise UserError(f"{name}: could not load a tokenizer ({first_line(e, 200)}) - "
                         "pass --tokenizer DIR, or train from scratch so one is built")
     if tok.eos_token is None:
         raise UserError(f"{name}: the tokenizer has no EOS token - samples need one to end; pick another tokenizer")
@@ -23,8 +28,9 @@ def load_tokenizer(name, trust_remote_code=False):
 
 
 def with_pad(tok):
-    # GPT-2 and LLaMA ship no pad token. Padding with EOS is safe because pad positions are masked
-    # through the attention mask (DATA.collate), never by comparing ids, so EOS stays a learned target.
+    # GPT-2 and LLaMA ship no pad token. Padding with EOS is safe: pads are told apart by their position, never by
+    # comparing ids (DATA.collate gives them label -100 and positions of their own, so no real token attends to
+    # them; generation passes an attention mask), so EOS stays a learned target.
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -33,9 +39,6 @@ def with_pad(tok):
 def train_tokenizer(texts, vocab_size, chat=False):
     """A GPT-2-style byte-level BPE trained on an iterator of texts, as a transformers tokenizer. chat: ChatML's
     role markers become special tokens (single ids, never split) and the tokenizer carries the ChatML template."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-    from CHAT import CHATML, CHATML_TOKENS
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
                             special_tokens=[EOS] + (CHATML_TOKENS if chat else []), show_progress=False)
@@ -49,10 +52,6 @@ def train_tokenizer(texts, vocab_size, chat=False):
 
 def cached_bpe(files, vocab_size, cache_dir, chat=False):
     """train_tokenizer on the files, saved under cache_dir and reused while the files are unchanged."""
-    from transformers import AutoTokenizer
-    from ATOMIC import replacing
-    from CONFIG import log
-    from DATA import fingerprint, iter_texts
     path = os.path.join(cache_dir, f"bpe-{fingerprint(files, 'bpe', vocab_size, chat)}")
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         log(f"reusing the BPE tokenizer in {path}")

@@ -115,7 +115,7 @@ def main():
           f"MB (budget 2048 MB), {statistics.median(r['tokens_per_s'] for r in rows[1:]):.0f} tok/s")
 
     import numpy as np
-    from DATA import collate, gather, sample_indices, sequences
+    from BATCHES import collate, gather, sample_indices, sequences
     from transformers import AutoTokenizer
     from DATA import token_cache
     corpus = token_cache([big], AutoTokenizer.from_pretrained(tok_dir), cache)

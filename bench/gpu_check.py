@@ -124,7 +124,8 @@ def check_train(ctx):
 TRAINER = r"""import json, statistics, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
-from DATA import collate, gather, sequences, token_cache
+from BATCHES import collate, gather, sequences
+from DATA import token_cache
 run, data, cache, seq, batch, steps, dtype, device = sys.argv[2:10]
 tok = AutoTokenizer.from_pretrained(run)
 corpus = token_cache([data], tok, cache)

@@ -29,7 +29,8 @@ def main():
     args = ap.parse_args()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    from DATA import collate, gather, iter_texts, sequences, token_cache
+    from BATCHES import collate, gather, sequences
+    from DATA import iter_texts, token_cache
     from MODEL import no_padding_warning
     from TOKENIZER import train_tokenizer
     no_padding_warning()

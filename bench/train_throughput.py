@@ -38,7 +38,8 @@ DATA = ["data/train.txt", "data/train.jsonl"]
 TRAINER = """import json, statistics, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
-from DATA import collate, gather, sequences, token_cache
+from BATCHES import collate, gather, sequences
+from DATA import token_cache
 model_dir, batch, length, steps, dtype, work, gc = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8] == "1"
 tok = AutoTokenizer.from_pretrained(model_dir)
 corpus = token_cache(%r, tok, work + "/cache")

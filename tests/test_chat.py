@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from CHAT import CHATML, encode, end_of_turn
 from CONFIG import UserError
-from DATA import collate, gather, iter_texts, read_samples, sequences, token_cache
+from BATCHES import collate, gather, sequences
+from DATA import iter_texts, read_samples, token_cache
 from TOKENIZER import train_tokenizer
 from conftest import run, train
 
@@ -216,16 +217,16 @@ def test_eval_scores_only_the_answers_as_plain_transformers_does(tmp_path, chat_
 
 
 def test_infer_chat_renders_the_tokens_training_used(chat_model):
-    import INFER
+    import GENERATE
     tok = AutoTokenizer.from_pretrained(chat_model)
     conversation = CONVERSATION[:3]
     trained, _, _ = encode([("messages", {"messages": conversation}, "x:1")], tok)[0]
     g = types.SimpleNamespace(chat=True, system="Be brief.")
-    asked = INFER.encode(tok, "Hi", g)
+    asked = GENERATE.prompt_ids(tok, "Hi", g)
     assert trained[:len(asked)] == asked and tok.decode(trained[len(asked):]) == "Hello there.<|im_end|>\n"
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
-    assert INFER.encode(tok, "Bye", g, history) == encode(
-        [("messages", {"messages": CONVERSATION}, "x:1")], tok)[0][0][:len(INFER.encode(tok, "Bye", g, history))]
+    assert GENERATE.prompt_ids(tok, "Bye", g, history) == encode(
+        [("messages", {"messages": CONVERSATION}, "x:1")], tok)[0][0][:len(GENERATE.prompt_ids(tok, "Bye", g, history))]
     r = run("INFER.py", "--model", chat_model, "--chat", "--prompt", "What is LLM-MINI?", "--greedy",
             "--max-new-tokens", "20")
     assert r.returncode == 0 and "<|im_end|>" not in r.stdout, r.stderr

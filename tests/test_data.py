@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from CONFIG import UserError
-from DATA import check_files, collate, count_targets, plain, read_samples, sample_indices
+from BATCHES import collate, count_targets, plain, sample_indices
+from DATA import check_files, read_samples
 
 
 def texts(path):

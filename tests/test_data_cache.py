@@ -9,7 +9,8 @@ import torch
 from transformers import AutoTokenizer
 
 from CONFIG import DataCfg
-from DATA import Corpus, gather, load, sequences, token_cache
+from BATCHES import gather, load, sequences
+from DATA import Corpus, token_cache
 from conftest import train, reference_nll
 
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import CONFIG
 import FLAGS
 from CONFIG import UserError, load
-from DATA import collate, count_targets, evenly_spaced, gather, held_out
+from BATCHES import collate, count_targets, evenly_spaced, gather, held_out
 from TRAIN import lr_at
 from conftest import ROOT, reference_nll, run, train
 
@@ -128,7 +128,7 @@ def test_large_validation_set_is_scored_on_a_fixed_capped_subset(tmp_path):
     assert [row["step"] for row in rows] == [2, 4, 6] and all(row["val_sequences"] == 8 for row in rows)
     assert all(0 < row["val_share"] < 1 for row in rows) and "of the wall time so far" in r.stderr
 
-    from DATA import load as load_data
+    from BATCHES import load as load_data
     cfg, _, _ = load(["--config", "tests/tiny.yaml", "--val-fraction", "0.5"])
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -56,13 +56,21 @@ def test_interrupt_checkpoints_then_resume_matches_straight_run(tmp_path, straig
 
 
 def test_second_interrupt_exits_at_once_leaving_complete_checkpoints(tmp_path):
+    """The first Ctrl-C lets the step finish and checkpoint; a second one during that step exits at once."""
     out = tmp_path / "out"
-    proc = start(out)
+    proc = start(out, "--batch-size", "64", "--grad-accum", "8")  # steps of about a second, to interrupt one
     wait_for(lambda: newest_step(out) >= 4, proc)
     proc.send_signal(signal.SIGINT)
+    seen = ""
+    while "stopping after this step" not in seen:  # the first signal was handled: the step goes on
+        line = proc.stderr.readline()
+        assert line, seen
+        seen += line
+    before = newest_step(out)
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
+    assert "checkpoint written to" not in seen + err and newest_step(out) == before  # no step finished, none saved
     for name in os.listdir(out):
         if name.startswith("ckpt-step-"):
             assert load_file(str(out / name / "model.safetensors"))

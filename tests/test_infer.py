@@ -127,7 +127,7 @@ def test_interactive_loop_at_a_terminal(trained):
     ("no stop", [], "", ("no stop", False)),
 ])
 def test_cut_at_stop(text, stops, prefix, expected):
-    from INFER import cut_at_stop
+    from GENERATE import cut_at_stop
     assert cut_at_stop(text, stops, prefix) == expected
 
 
@@ -136,7 +136,7 @@ def test_cut_at_stop(text, stops, prefix, expected):
     ("x", [], 0),
 ])
 def test_held_back_is_what_could_begin_a_stop_string(text, stops, expected):
-    from INFER import held_back
+    from GENERATE import held_back
     assert held_back(text, stops) == expected
 
 
@@ -144,6 +144,6 @@ def test_held_back_is_what_could_begin_a_stop_string(text, stops, expected):
     (10, 20, 100, 10, 20), (90, 20, 100, 80, 20), (10, 500, 100, 1, 99), (100, 1, 100, 99, 1),
 ])
 def test_fit_context_keeps_the_prompts_tail(n_ids, max_new, context, kept, new):
-    from INFER import fit_context
+    from GENERATE import fit_context
     ids, max_new_tokens = fit_context(list(range(n_ids)), max_new, context, warned=[True])
     assert (len(ids), max_new_tokens) == (kept, new) and ids == list(range(n_ids))[-kept:]

@@ -54,7 +54,7 @@ def test_same_loss_and_gradients_as_the_models_own(arch, monkeypatch):
     model = tiny(arch)
     b = batch(97)
     plain = loss_and_grads(model, b)
-    assert LOSS.use(model, "cpu") is None
+    assert LOSS.use_chunked(model, "cpu") is None
     assert_same(plain, loss_and_grads(model, b))
 
 
@@ -64,20 +64,31 @@ def test_same_with_lora_where_only_the_adapters_train(monkeypatch):
     model = get_peft_model(tiny("llama"), LoraConfig(r=4, target_modules="all-linear"))
     b = batch(97)
     plain = loss_and_grads(model, b)
-    assert LOSS.use(model, "cpu") is None
+    assert LOSS.use_chunked(model, "cpu") is None
     chunked = loss_and_grads(model, b)
     assert_same(plain, chunked)
     assert all("lora_" in n for n in chunked[1])
 
 
-def test_without_a_count_it_is_the_mean_and_under_no_grad_it_keeps_no_gradients():
+def test_without_a_count_it_is_the_mean_and_under_no_grad_it_computes_no_gradients():
+    from torch.utils.flop_counter import FlopCounterMode
     model = tiny("gpt2")
     b = batch(97)
     del b["num_items_in_batch"]
     with torch.no_grad():
         plain = model(**b).loss
-        LOSS.use(model, "cpu")
+    assert LOSS.use_chunked(model, "cpu") is None and LOSS.is_chunked(model)
+    with torch.no_grad():
         assert torch.allclose(model(**b).loss, plain, rtol=1e-5)
+    head, hidden = model.get_output_embeddings(), torch.randn(2, 20, 32, requires_grad=True)
+
+    def flops(grad_enabled):
+        with torch.set_grad_enabled(grad_enabled), FlopCounterMode(display=False) as counter:
+            LOSS.chunked_loss(head, hidden, b["labels"])
+        return counter.get_total_flops()
+    scored = int((b["labels"][:, 1:] != -100).sum())
+    assert flops(False) == 2 * scored * 32 * 97  # the logits of the scored positions, nothing more
+    assert flops(True) == 3 * flops(False)  # with gradients: also d hidden and d weight, computed in forward
 
 
 def test_a_model_whose_loss_is_not_plain_cross_entropy_keeps_its_own():
@@ -87,7 +98,7 @@ def test_a_model_whose_loss_is_not_plain_cross_entropy_keeps_its_own():
     model = AutoModelForCausalLM.from_config(cfg)
     before = copy.deepcopy(model)
     b = batch(97)
-    why = LOSS.use(model, "cpu")
+    why = LOSS.use_chunked(model, "cpu")
     assert why and "differs" in why
     assert torch.equal(model(**b).logits, before(**b).logits)  # nothing swapped: real logits again
 

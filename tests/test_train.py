@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from DATA import collate, count_targets, plain
+from BATCHES import collate, count_targets, plain
 from TRAIN import due, lr_at, micro_batches, param_groups
 from CONFIG import TrainingCfg
+from DISTRIBUTED import Run
 from conftest import run, train, weights
 
 STRAIGHT = ["--seed", "7"]
@@ -179,15 +180,18 @@ def test_grad_checkpointing_gives_the_same_weights(tmp_path, trained):
 def test_micro_batches_give_each_rank_its_share_of_each_micro_step():
     """A global batch of 8 = 2 micro-steps x 2 ranks x 2 sequences: micro-step m, rank r takes the slice
     [(m * world + r) * batch_size, ... + batch_size) of the shared index list."""
-    from DATA import Corpus, sequences
+    from BATCHES import sequences
+    from DATA import Corpus
     import numpy as np
     corpus = Corpus(np.arange(80), np.ones(80, dtype=np.uint8), np.arange(10, 90, 10), np.zeros(8, dtype=bool))
     data = sequences(corpus, 0, 8, 16, packing=False)
     idx = [7, 6, 5, 4, 3, 2, 1, 0]
     first = lambda batch: [int(row[0]) for row in batch["input_ids"]]  # token i*10 starts document i
     for rank, expected in ((0, [[70, 60], [30, 20]]), (1, [[50, 40], [10, 0]])):
-        assert [first(b) for b in micro_batches(data, idx, 2, 2, 2, rank, 0)] == expected
-    assert [first(b) for b in micro_batches(data, idx, 4, 2, 1, 0, 0)] == [[70, 60, 50, 40], [30, 20, 10, 0]]
+        got = micro_batches(data, idx, TrainingCfg(batch_size=2, grad_accum=2), Run(rank=rank, world=2), 0)
+        assert [first(b) for b in got] == expected
+    got = micro_batches(data, idx, TrainingCfg(batch_size=4, grad_accum=2), Run(), 0)
+    assert [first(b) for b in got] == [[70, 60, 50, 40], [30, 20, 10, 0]]
 
 
 @pytest.mark.parametrize("step, every, last, expected", [(10, 10, False, True), (11, 10, False, False),
@@ -196,20 +200,43 @@ def test_due(step, every, last, expected):
     assert due(step, every, last) is expected
 
 
-@pytest.mark.parametrize("name, device, purpose, expected", [
-    ("auto", "cpu", "score", torch.float32), ("auto", "cpu", "export", torch.float32),
-    ("auto", "cpu", "generate", torch.float32), ("float32", "cpu", "train", torch.float32),
-    ("bfloat16", "cpu", "generate", torch.bfloat16), ("float16", "cpu", "generate", torch.float16),
+@pytest.mark.parametrize("device, purpose, bf16, expected", [
+    ("cuda", "train", True, torch.bfloat16), ("cuda", "train", False, torch.float16),   # fp16 with the scaler
+    ("cuda", "generate", True, torch.bfloat16), ("cuda", "generate", False, torch.float32),
+    ("cuda", "score", True, torch.float32), ("cuda", "export", True, torch.float32),    # exact numbers
+    ("cpu", "train", True, torch.bfloat16), ("cpu", "train", False, torch.float32),
+    ("cpu", "generate", True, torch.float32), ("cpu", "score", True, torch.float32),
+    ("mps", "train", False, torch.float32),
 ])
-def test_dtype_auto_means_one_thing_per_purpose(name, device, purpose, expected):
+def test_dtype_auto_means_one_thing_per_purpose_and_device(device, purpose, bf16, expected):
+    from MODEL import auto_dtype
+    assert auto_dtype(device, purpose, bf16) is expected
+
+
+@pytest.mark.parametrize("name, purpose, expected", [("float32", "train", torch.float32),
+                                                     ("bfloat16", "generate", torch.bfloat16),
+                                                     ("float16", "generate", torch.float16)])
+def test_a_named_dtype_is_that_dtype(name, purpose, expected):
     from MODEL import pick_dtype
-    assert pick_dtype(name, device, purpose) is expected
+    assert pick_dtype(name, torch.device("cpu"), purpose) is expected
 
 
 def test_float16_training_on_cpu_is_refused_and_bf16_without_hardware_warned(capsys):
     from CONFIG import UserError
     from MODEL import cpu_has_native_bf16, pick_dtype
     with pytest.raises(UserError, match="float16 is not supported for training on CPU"):
-        pick_dtype("float16", "cpu", "train")
-    pick_dtype("bfloat16", "cpu", "train")
+        pick_dtype("float16", torch.device("cpu"), "train")
+    pick_dtype("bfloat16", torch.device("cpu"), "train")
     assert ("30x slower" in capsys.readouterr().err) is not cpu_has_native_bf16()
+
+
+def test_flash_attention_is_allowed_on_any_cuda_device_and_refused_elsewhere(monkeypatch):
+    import importlib.util
+    from CONFIG import UserError
+    from MODEL import check_attention
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    for device in ("cuda", "cuda:0", "cuda:1"):  # torchrun gives rank 1 the device cuda:1
+        check_attention("flash_attention_2", torch.device(device))
+    with pytest.raises(UserError, match="flash_attention_2 needs a CUDA GPU"):
+        check_attention("flash_attention_2", torch.device("cpu"))
