@@ -14,10 +14,11 @@ Peak extra memory is one chunk's logits (CHUNK_ELEMENTS floats) instead of sever
 checks the swap on the model itself (the same loss as the plain path on a probe batch) and keeps the
 model's own loss where it is not equivalent (logit soft-capping, scaled logits, a custom loss).
 """
-import sys
 import types
 
 import torch
+
+from CONFIG import log
 
 CHUNK_ELEMENTS = 2 ** 24  # logits per chunk: 64 MB in fp32; a chunk of rows is CHUNK_ELEMENTS // vocab
 
@@ -133,5 +134,5 @@ def use_chunked(model, device, seed=0):
 
 
 def note(why):
-    print(f"note: keeping the model's own loss, not the chunked one: {why}", file=sys.stderr)
+    log(f"note: keeping the model's own loss, not the chunked one: {why}")
     return why

@@ -100,7 +100,7 @@ def new_model(cfg, run, chat):
     return tokenizer, MODEL.build_model(m, cfg.lora, tokenizer, run.device, cfg.training.seed)
 
 
-def start(resume, run, optimizer, model, t):
+def starting_progress(resume, run, optimizer, model, t):
     """Where the run begins: the checkpoint's Progress (optimizer, scaler and RNG restored), or step 0 with
     dropout seeded per rank."""
     if resume:
@@ -157,14 +157,15 @@ def train(cfg):
         LOSS.use_chunked(raw_model, run.device)
     torch._dynamo.config.suppress_errors = t.compile  # where it cannot compile: eager, with a warning
     model, sync_grads = DISTRIBUTED.wrap(raw_model, t, run)
-    eval_model = raw_model if run.world > 1 and not t.fsdp else model  # not DDP's wrapper: validation has no backward
+    eval_model = raw_model if run.world > 1 and not t.fsdp else model  # not DDP's wrapper: no gradient sync to set up
     optimizer = torch.optim.AdamW(param_groups(raw_model, t.weight_decay), lr=t.learning_rate, betas=(t.beta1, t.beta2),
                                   fused=run.device.type in ("cuda", "cpu"))  # one kernel for all parameters
-    progress = start(resume, run, optimizer, raw_model, t)
+    progress = starting_progress(resume, run, optimizer, raw_model, t)
     global_batch = t.batch_size * t.grad_accum * run.world
     total_steps = t.max_steps or math.ceil(t.epochs * len(data) / global_batch)
-    log(METRICS.summary(cfg, run, raw_model, len(data), total_steps) + (f"\nresumed from {resume} at step {progress.step}"
-                                                                        if resume else ""))
+    log(METRICS.summary(cfg, run, raw_model, len(data), total_steps))
+    if resume:
+        log(f"resumed from {resume} at step {progress.step}")
     metrics = METRICS.open_log(cfg, run, total_steps, progress.step, resume)
 
     def save(name):  # collective: every rank calls it, rank 0 writes
@@ -177,7 +178,7 @@ def train(cfg):
         lr = lr_at(progress.step, t, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ran = progress.step > started  # the step a run resumes at was validated and saved before it stopped
+        ran = progress.step > started  # nothing is due where a run starts: step 0, or a checkpoint already saved
         if ran and val and due(progress.step, t.eval_every, last):
             v0 = time.perf_counter()
             val_loss = EVAL.validate(eval_model, val, val_idx, run, t.batch_size, pad)

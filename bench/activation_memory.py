@@ -56,7 +56,7 @@ def main():
     for name in ("model's own loss", "chunked loss (LOSS.py)"):
         model = AutoModelForCausalLM.from_config(config)
         if name.startswith("chunked"):
-            assert LOSS.use(model, "cpu") is None
+            assert LOSS.use_chunked(model, "cpu") is None
         by = saved_by_line(model, dict(input_ids=ids, labels=ids))
         loss = sum(v for k, v in by.items() if "loss" in k.lower() or "cross_entropy" in k)
         body = sum(by.values()) - loss

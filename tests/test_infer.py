@@ -43,9 +43,25 @@ def test_seeded_sampling_is_reproducible(trained):
     assert a.stdout != c.stdout
 
 
-def test_checkpoint_dir_works_as_model(trained):
-    r = run("INFER.py", "--model", trained / "ckpt-step-3", "--prompt", "The", "--max-new-tokens", "5")
-    assert r.returncode == 0 and r.stdout.endswith("\n"), r.stderr
+def reference_sample(path, prompt, n, seed):
+    """transformers' seeded sampling with INFER.py's default settings (temperature 0.8, top-k 50)."""
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    torch.manual_seed(seed)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=True, temperature=0.8,
+                         top_k=50, top_p=1.0, pad_token_id=tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_a_checkpoint_dir_generates_as_that_checkpoint(trained):
+    """INFER.py on OUT/ckpt-step-3 samples what transformers samples from that directory with the same seed,
+    which is not what the final model in OUT/ samples."""
+    r = run("INFER.py", "--model", trained / "ckpt-step-3", "--each-line", "--jsonl", "--seed", "1",
+            "--max-new-tokens", "20", stdin="Once upon a time\n")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["completion"]
+    assert got == reference_sample(trained / "ckpt-step-3", "Once upon a time", 20, seed=1)
+    assert got != reference_sample(trained, "Once upon a time", 20, seed=1)
 
 
 def test_empty_prompt_is_a_clear_error(trained):
