@@ -32,7 +32,7 @@ FULL = dict(full_state_dict=True, cpu_offload=True)
 class Progress:
     """Where a run stands: the training state that training_state.pt stores beside optimizer, scaler and RNG."""
     step: int = 0                  # optimizer steps taken
-    position: int = 0              # global sample index in the seeded order (DATA.sample_indices)
+    position: int = 0              # global sample index in the seeded order (BATCHES.sample_indices)
     bad_steps: int = 0             # non-finite steps in a row
     best_val: float = float("inf")  # lowest validation loss so far (--save-best)
 
@@ -65,8 +65,8 @@ def write_model_dir(path, model, tokenizer, cfg, state=None, state_dict=None):
 
 def training_state(run, optimizer, progress, fsdp_model=None):
     """What training_state.pt holds: the Progress, optimizer and scaler states, and every rank's RNG, so a resume
-    on as many ranks continues dropout exactly (collective under torchrun; the full dict on rank 0 only).
-    fsdp_model: an FSDP run's model, whose optimizer state is gathered from its shards."""
+    on as many ranks continues dropout exactly (collective under torchrun: every rank calls it; only rank 0's
+    is written). fsdp_model: an FSDP run's model, whose optimizer state is gathered to rank 0 from its shards."""
     optim_state = full_optimizer_state(fsdp_model, optimizer) if fsdp_model else optimizer.state_dict()
     rng = [torch.get_rng_state()]
     if run.world > 1:
@@ -157,7 +157,7 @@ def load_state(path, run, optimizer, fsdp_model=None):
     try:
         state = torch.load(os.path.join(path, STATE), weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{path}/{STATE}: refused to load ({first_line(e)}) - it is corrupt or holds "
+        raise UserError(f"{path}/{STATE}: refused to load ({first_line(e, 160)}) - it is corrupt or holds "
                         "objects other than tensors; use another checkpoint")
     try:
         if fsdp_model is None:
@@ -180,7 +180,7 @@ def load_state(path, run, optimizer, fsdp_model=None):
         if torch.cuda.is_available() and state["rng_cuda"]:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
     except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}/{STATE}: does not match the model ({first_line(e)}) - resume with the "
+        raise UserError(f"{path}/{STATE}: does not match the model ({first_line(e, 160)}) - resume with the "
                         "checkpoint's own model directory, or start fresh")
     return Progress(**{f.name: state.get(f.name, f.default) for f in dataclasses.fields(Progress)})
 

@@ -275,7 +275,8 @@ def with_flags(raw, args):
 def resolve_purpose(cfg, path, config_default):
     """cfg with its unset settings filled by the defaults of the run's purpose (QLoRA is LoRA on a 4-bit base),
     the log line saying which config and defaults apply, and the notes that mark them in --print-config."""
-    cfg = replaced(cfg, {"lora.enabled": True}) if cfg.lora.qlora else cfg
+    implied = {"lora.enabled": "implied by --qlora"} if cfg.lora.qlora and not cfg.lora.enabled else {}
+    cfg = replaced(cfg, {"lora.enabled": True}) if implied else cfg
     filled = {key: value for key, value in PURPOSE_DEFAULTS[purpose(cfg)].items()
               if getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) is None}
     cfg = replaced(cfg, filled)
@@ -283,7 +284,7 @@ def resolve_purpose(cfg, path, config_default):
         f" ({config_default}, the default experiment, is read only when the command names no --model; "
         f"--config {config_default} to use it)" if config_default and os.path.exists(config_default) else "")
     chosen = ", ".join(f"{k.split('.')[1]}={yaml.safe_dump(v).split(chr(10))[0]}" for k, v in filled.items())
-    notes = {k: f"{purpose(cfg)} default" for k in filled}
+    notes = implied | {k: f"{purpose(cfg)} default" for k in filled}
     if cfg.training.max_length is None:
         notes["training.max_length"] = f"the model's context, at most {MAX_LENGTH_CAP}"
     return cfg, f"{source} | purpose: {purpose(cfg)}" + (f", so {chosen}" if chosen else ""), notes

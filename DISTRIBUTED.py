@@ -98,9 +98,9 @@ def wrap(raw_model, t, run):
     if t.fsdp:
         shard(raw_model)  # parameters become DTensor shards
         return model, raw_model.set_requires_gradient_sync
-    if run.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
+    if run.world == 1:
+        return model, lambda on: None  # one process: nothing to all-reduce
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
     return model, lambda on: setattr(model, "require_backward_grad_sync", on)
 
 

@@ -35,8 +35,8 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line on stderr with exit code 2, no traceback."""
 
 
-def first_line(error, limit=160):
-    """An exception's message cut to its first line, to quote inside one of our one-line errors."""
+def first_line(error, limit=None):
+    """An exception's first line (at most `limit` characters), to quote inside one of our one-line errors."""
     lines = str(error).splitlines()
     return (lines[0] if lines else type(error).__name__)[:limit]
 

@@ -204,7 +204,7 @@ def add_lora(model, lcfg, base):
     try:
         model = p.get_peft_model(model, config)
     except ValueError as e:
-        raise UserError(f"lora.target_modules: {targets} ({first_line(e)}) - name modules of "
+        raise UserError(f"lora.target_modules: {targets} ({first_line(e, 160)}) - name modules of "
                         f"{model.config.model_type}, or all-linear")
     # name the base so the adapter directory loads on its own (INFER.py, EVAL.py, peft)
     model.peft_config["default"].base_model_name_or_path = os.path.abspath(base) if os.path.exists(base) else base
@@ -225,7 +225,7 @@ def load_pretrained(path, dtype, base_model=None, trainable=False, **kw):
             return need("peft", "a LoRA adapter directory").PeftModel.from_pretrained(model, path,
                                                                                        is_trainable=trainable)
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
-            raise UserError(f"{path}: could not load the LoRA adapter onto {base} ({first_line(e)})")
+            raise UserError(f"{path}: could not load the LoRA adapter onto {base} ({first_line(e, 160)})")
     transformers.logging.disable_progress_bar()  # no "Loading weights" bar: stderr is for our own messages
     where, gguf = from_pretrained_args(path)
     kw = {k: v for k, v in kw.items() if v is not None} | gguf
@@ -258,7 +258,7 @@ def fuse_activations(model):
 
 
 def no_padding_warning():
-    """Batches carry position ids and no attention mask (DATA.collate), which transformers takes for unmasked
+    """Batches carry position ids and no attention mask (BATCHES.collate), which transformers takes for unmasked
     padding whenever a row starts or ends with the pad id (GPT-2 pads with EOS, which ends every document):
     that one warning is dropped, nothing else."""
     logging.getLogger("transformers.modeling_utils").addFilter(lambda r: "attention_mask" not in r.getMessage())
@@ -279,7 +279,8 @@ def keeps_documents_apart(model, device):
 
 
 def check_attention(impl, device):
-    """Refuse flash_attention_2 where it cannot run: on any CUDA device (cuda:N under torchrun) with flash-attn."""
+    """Allow flash_attention_2 only where it runs: a CUDA device (any index: cuda:N under torchrun) with the
+    flash-attn package installed."""
     if impl == "flash_attention_2" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
         raise UserError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and "
                         "`pip install flash-attn` - use sdpa (the default) otherwise")

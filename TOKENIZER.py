@@ -29,7 +29,7 @@ def load_tokenizer(name, trust_remote_code=False):
 
 def with_pad(tok):
     # GPT-2 and LLaMA ship no pad token. Padding with EOS is safe: pads are told apart by their position, never by
-    # comparing ids (DATA.collate gives them label -100 and positions of their own, so no real token attends to
+    # comparing ids (BATCHES.collate gives them label -100 and positions of their own, so no real token attends to
     # them; generation passes an attention mask), so EOS stays a learned target.
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

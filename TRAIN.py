@@ -221,7 +221,7 @@ def train(cfg):
     METRICS.close(metrics)
     if t.compile:
         log(DISTRIBUTED.compile_report())
-    if progress.bad_steps >= t.max_bad_steps:
+    if progress.bad_steps >= t.max_bad_steps and progress.step > started:
         raise UserError(f"{progress.bad_steps} optimizer steps in a row had non-finite gradients and were skipped; "
                         f"the last good weights are in {path} - lower --learning-rate or use --dtype float32")
     if signum:

@@ -77,6 +77,7 @@ def test_gguf_export_says_what_it_wrote_and_how_it_was_checked(ggufs, arch, quan
 
 
 def test_gguf_names_the_pre_tokenizer_llama_cpp_should_use():
+    pytest.importorskip("gguf")  # GGUF.py needs the optional gguf package
     from GGUF import pre_tokenizer
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     llama3 = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
