@@ -100,7 +100,8 @@ def wrap(raw_model, t, run):
         return model, raw_model.set_requires_gradient_sync
     if run.world == 1:
         return model, lambda on: None  # one process: nothing to all-reduce
-    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
+    gpu = [run.local_rank] if run.device.type == "cuda" else None
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=gpu)
     return model, lambda on: setattr(model, "require_backward_grad_sync", on)
 
 

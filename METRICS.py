@@ -57,7 +57,8 @@ def open_log(cfg, run, total_steps, step, resumed):
     """The run's Log from `step` of total_steps. Rank 0 writes the resolved config to OUT and opens
     OUT/metrics.jsonl, dropping a resumed run's rows after `step` (those steps are about to run again)."""
     out = cfg.output.dir
-    bar = tqdm(total=total_steps, initial=step, file=sys.stderr, dynamic_ncols=True, disable=None if run.master else True)
+    bar = tqdm(total=total_steps, initial=step, file=sys.stderr, dynamic_ncols=True,
+               disable=None if run.master else True)  # None: off where stderr is not a terminal
     if not run.master:
         return Log(bar, None, Window(torch.zeros((), device=run.device)), time.perf_counter())
     if resumed and os.path.exists(os.path.join(out, "metrics.jsonl")):

@@ -69,8 +69,9 @@ def setup(cfg, run):
     cfg, note = CONFIG.with_max_length(cfg, MODEL.context_length(model.config))
     if note:
         log(note)
-    if resume and CHECKPOINT.changed_settings(resume, cfg):
-        log(f"note: resuming with settings that differ from the checkpoint's: {'; '.join(CHECKPOINT.changed_settings(resume, cfg))}")
+    changed = CHECKPOINT.changed_settings(resume, cfg) if resume else []
+    if changed:
+        log(f"note: resuming with settings that differ from the checkpoint's: {'; '.join(changed)}")
     if cfg.data.packing and not MODEL.keeps_documents_apart(model, run.device):
         raise UserError(f"data.packing: {model.config.model_type} lets packed documents attend to each other (it "
                         "ignores restarting position ids) - use --no-packing")
@@ -79,7 +80,8 @@ def setup(cfg, run):
 
 def checkpoint_model(cfg, run, resume):
     """A checkpoint's tokenizer and model (an adapter brings its base); model.name is only where the run began."""
-    model = MODEL.load_pretrained(resume, torch.float32, trainable=True, attn_implementation=cfg.model.attn_implementation,
+    model = MODEL.load_pretrained(resume, torch.float32, trainable=True,
+                                  attn_implementation=cfg.model.attn_implementation,
                                   quantization_config=MODEL.quantization(cfg.lora, run.device))
     return TOKENIZER.load_tokenizer(resume), model
 
@@ -113,8 +115,8 @@ def micro_batches(data, idx, t, run, pad_id):
     """This rank's share of each micro-step of one optimizer step, on its device: the global batch idx (the same
     list on every rank) is cut into t.grad_accum micro-steps of world x batch_size sequences."""
     shares = [idx[(m * run.world + run.rank) * t.batch_size:][:t.batch_size] for m in range(t.grad_accum)]
-    return [{k: v.to(run.device, non_blocking=True) for k, v in BATCHES.collate(BATCHES.gather(data, share), pad_id).items()}
-            for share in shares]
+    batches = [BATCHES.collate(BATCHES.gather(data, share), pad_id) for share in shares]
+    return [{k: v.to(run.device, non_blocking=True) for k, v in batch.items()} for batch in batches]
 
 
 def clip_gradients(model, max_norm):
