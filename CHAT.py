@@ -76,7 +76,7 @@ def with_template(tokenizer):
     plain apply_chat_template render conversations as training did)."""
     if not tokenizer.chat_template:
         log("the tokenizer has no chat template: conversations are rendered with the default ChatML one "
-            "(README: Conversations); a model trained on them keeps it for INFER.py --chat")
+            "(docs/data.md); a model trained on them keeps it for INFER.py --chat")
         tokenizer.chat_template = CHATML
     return tokenizer
 

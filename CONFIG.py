@@ -10,6 +10,7 @@ YAML keys, flags, type checks and "did you mean" errors is FLAGS.py. A loaded co
 resolves later (the max_length its model allows) is a new copy, never a change behind the reader's back.
 
     python CONFIG.py --print-config        # the resolved config of the training scripts
+    python CONFIG.py --reference           # every key and flag as Markdown (docs/configuration.md)
 """
 import math
 import os
@@ -239,6 +240,7 @@ TRAIN_SECTIONS = ("model", "tokenizer", "data", "lora", "training", "output")
 INFER_SECTIONS = ("model", "infer")
 EVAL_SECTIONS = ("model", "data", "eval")
 EXPORT_SECTIONS = ("model", "export")
+SCRIPTS = {"TRAIN.py": TRAIN_SECTIONS, "INFER.py": INFER_SECTIONS, "EVAL.py": EVAL_SECTIONS, "EXPORT.py": EXPORT_SECTIONS}
 
 
 def load(argv, sections=TRAIN_SECTIONS, description=None, config_default="config.yaml"):
@@ -303,4 +305,5 @@ def dump(cfg, sections=TRAIN_SECTIONS, notes=None):
 
 
 if __name__ == "__main__":
-    main_guard(lambda argv: load(argv, description=__doc__) and None)
+    main_guard(lambda argv: print(FLAGS.markdown(Config, SCRIPTS), end="") if argv == ["--reference"] else
+               load(argv, description=__doc__) and None)

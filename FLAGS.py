@@ -4,6 +4,7 @@ and reports (log: stderr). Generic: it names no setting; CONFIG.py holds the sch
 the top dataclass, and the sections a script uses).
 """
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -88,6 +89,10 @@ def flag_of(sec, f):
     return f.metadata["flag"] or "--" + f.name.replace("_", "-")
 
 
+EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list of strings",
+            dict: "a mapping like '{a: 1, b: 2}'"}
+
+
 def convert(value, typ, key):
     """Check/convert one value against its schema type; raise UserError naming the key."""
     if typing.get_origin(typ) is typing.Union:  # Optional[X]
@@ -95,41 +100,22 @@ def convert(value, typ, key):
             return None
         typ = typing.get_args(typ)[0]
     if typing.get_origin(typ) is Literal:
-        choices = typing.get_args(typ)
-        if value not in choices:
-            raise UserError(f"{key}: {value!r} is not one of {list(choices)}")
+        if value not in typing.get_args(typ):
+            raise UserError(f"{key}: {value!r} is not one of {list(typing.get_args(typ))}")
         return value
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{key}: expected true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise UserError(f"{key}: expected an integer, got {value!r}")
-    if typ is float:
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if typ is float and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        with contextlib.suppress(ValueError):
             return float(value)
-        raise UserError(f"{key}: expected a number, got {value!r}")
-    if typ is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise UserError(f"{key}: expected a string, got {value!r}")
-    if typ is list:
-        value = [value] if isinstance(value, str) else value
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        raise UserError(f"{key}: expected a list of strings, got {value!r}")
-    if typ is dict:
-        if isinstance(value, dict):
-            return value
-        raise UserError(f"{key}: expected a mapping like '{{a: 1, b: 2}}', got {value!r}")
-    raise TypeError(f"schema type {typ} of {key} is not handled")
+    value = [value] if typ is list and isinstance(value, str) else value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
+          str: number or isinstance(value, str), dict: isinstance(value, dict),
+          list: isinstance(value, list) and all(isinstance(v, str) for v in value)}
+    if typ not in ok:
+        raise TypeError(f"schema type {typ} of {key} is not handled")
+    if not ok[typ]:
+        raise UserError(f"{key}: expected {EXPECTED[typ]}, got {value!r}")
+    return float(value) if typ is float else str(value) if typ is str else value
 
 
 def check_range(value, f, key):
@@ -278,6 +264,25 @@ def replaced(cfg, values):
         sec, name = key.split(".")
         sections.setdefault(sec, {})[name] = value
     return dataclasses.replace(cfg, **{sec: dataclasses.replace(getattr(cfg, sec), **v) for sec, v in sections.items()})
+
+
+def markdown(root, scripts):
+    """The settings as Markdown: a table per section (key, flag, default, meaning), each naming the scripts
+    {script: sections} that read it. A flag is the short one where it is unique in all of them."""
+    lines = []
+    for sec in dict.fromkeys(s for secs in scripts.values() for s in secs):
+        users = [name for name, secs in scripts.items() if sec in secs]
+        flat = [[flag_of(s, f) for s, f, _ in leaves(root, scripts[u])] for u in users]
+        lines += ["", f"### {sec}", "", f"Read by {', '.join(users)}.", "", "| key | flag | default | meaning |",
+                  "|---|---|---|---|"]
+        for _, f, typ in leaves(root, [sec]):
+            short = all(names.count(flag_of(sec, f)) == 1 for names in flat)
+            flag = flag_of(sec, f) if short else f"--{sec}.{f.name.replace('_', '-')}"
+            flag = f"{flag} / --no-{flag[2:]}" if base_type(typ) is bool else flag
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = yaml.safe_dump(default, default_flow_style=True).removesuffix("...\n").strip()  # as YAML writes it
+            lines.append(f"| `{sec}.{f.name}` | `{flag}` | `{default}` | {f.metadata['help'].replace('|', '/')} |")
+    return "\n".join(lines[1:]) + "\n"
 
 
 def to_dict(cfg, sections):

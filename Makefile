@@ -13,7 +13,7 @@ $(VENV)/.installed: requirements.txt Makefile
 # --overwrite: a second `make demo` replaces the previous demo run in out/ (TRAIN.py refuses otherwise)
 demo: $(VENV)/.installed
 	$(PY) TRAIN.py --overwrite
-	$(PY) INFER.py --model out --prompt "Once upon a time" --max-new-tokens 60
+	$(PY) INFER.py --model out --prompt "Elizabeth" --max-new-tokens 60 --seed 1
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests   # -rs: name skipped tests and why; -n 2: two workers, a file each

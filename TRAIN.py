@@ -7,6 +7,7 @@
 Checkpoints go to OUT/ckpt-step-N/ (a save_pretrained directory plus training_state.pt), the final
 model to OUT/. Logs and progress go to stderr, metrics to OUT/metrics.jsonl.
 """
+import importlib.util
 import math
 import os
 import signal
@@ -242,10 +243,8 @@ def finish(run, cfg, raw_model, tokenizer):
         if cfg.lora.merge and hasattr(raw_model, "merge_and_unload"):  # base + adapter as one plain model
             CHECKPOINT.write_model_dir(os.path.join(out, "merged"), raw_model.merge_and_unload(), tokenizer, cfg)
             log(f"merged model (no peft needed) in {out}/merged")
-        try:
+        if importlib.util.find_spec("matplotlib"):  # optional: without it, EVAL.py --plot OUT says what to install
             log(f"loss curve: {EVAL.plot_metrics(out)}")
-        except UserError as e:  # matplotlib is optional
-            log(f"no loss curve: {e}")
         log(f"done: model in {out}/ - try: python INFER.py --model {out} --prompt \"...\"")
     DISTRIBUTED.barrier(run)
 

@@ -63,9 +63,9 @@ def main():
     from TOKENIZER import train_tokenizer
     os.makedirs(args.work, exist_ok=True)
     tok_dir, big, small = (os.path.join(args.work, n) for n in ("tokenizer", "big.jsonl", "slice.jsonl"))
-    train_tokenizer(iter_texts(["data/train.txt", "data/train.jsonl"]), 4096).save_pretrained(tok_dir)
+    train_tokenizer(iter_texts(["tests/data/train.txt", "tests/data/train.jsonl"]), 4096).save_pretrained(tok_dir)
 
-    lines, rng = list(iter_texts(["data/train.txt", "data/train.jsonl"])), random.Random(0)
+    lines, rng = list(iter_texts(["tests/data/train.txt", "tests/data/train.jsonl"])), random.Random(0)
     if not os.path.exists(big) or os.path.getsize(big) < args.gb * 1e9:
         with open(big, "w") as fh:
             while fh.tell() < args.gb * 1e9:

@@ -48,7 +48,7 @@ def main():
     from TOKENIZER import train_tokenizer
 
     tmp = tempfile.mkdtemp()
-    tok = train_tokenizer(iter_texts(["data/train.txt", "data/train.jsonl"]), 4096)
+    tok = train_tokenizer(iter_texts(["tests/data/train.txt", "tests/data/train.jsonl"]), 4096)
     torch.manual_seed(0)
     cfg = AutoConfig.for_model("gpt2", n_layer=6, n_head=8, n_embd=256, n_positions=1024, vocab_size=len(tok),
                                bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)

@@ -1,6 +1,6 @@
-"""One prepared check of every CUDA path of LLM-MINI, with MFU: the first thing to run on a lent GPU.
+"""One prepared check of every CUDA path of LLM-MINI, with MFU: the first thing to run on a new GPU machine.
 
-    python bench/gpu_check.py                    # on a CUDA machine: every check (< 8 min on one H100/H200)
+    python bench/gpu_check.py                    # on a CUDA machine: every check (budgets sized for < 8 min)
     python bench/gpu_check.py --quick            # toy sizes on the CPU (< 2 min): the harness, and what needs CUDA
     python bench/gpu_check.py --only train,infer --json results.json --smollm2 DIR
 
@@ -57,9 +57,9 @@ def max_diff(a, b):
 
 
 def corpus(path, n_lines):
-    """Generated text: random runs of data/'s sentences, one document per line."""
+    """Generated text: random runs of the sentences in tests/data/train.txt, one document per line."""
     import random
-    rng, lines = random.Random(0), [l.strip() for l in open(os.path.join(ROOT, "data/train.txt")) if l.strip()]
+    rng, lines = random.Random(0), [l.strip() for l in open(os.path.join(ROOT, "tests", "data", "train.txt")) if l.strip()]
     with open(path, "w") as fh:
         for _ in range(n_lines):
             fh.write(" ".join(rng.choice(lines) for _ in range(rng.randint(3, 12))) + "\n")

@@ -48,7 +48,7 @@ def hf_dir(work):
 
 def run(model, out, steps, batch, *extra):
     """TRAIN.py in a fresh process: (peak RSS in MB, median seconds per step after the first)."""
-    cmd = [sys.executable, "TRAIN.py", "--model", model, "--data", "data/train.txt", "--out", out, "--overwrite",
+    cmd = [sys.executable, "TRAIN.py", "--model", model, "--data", "tests/data/train.txt", "--out", out, "--overwrite",
            "--max-steps", str(steps), "--batch-size", str(batch), "--max-length", "128", "--log-every", "1",
            "--save-every", "0", "--dtype", "float32", "--cache-dir", os.path.join(os.path.dirname(out), "cache"),
            *extra]

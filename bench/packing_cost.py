@@ -34,7 +34,7 @@ def main():
     from MODEL import no_padding_warning
     from TOKENIZER import train_tokenizer
     no_padding_warning()
-    files = ["data/train.txt", "data/train.jsonl"]
+    files = ["tests/data/train.txt", "tests/data/train.jsonl"]
     tok = train_tokenizer(iter_texts(files), 4096)
     corpus = token_cache(files, tok, tempfile.mkdtemp(prefix="llm-mini-packing-"))
     seqs = sequences(corpus, 0, len(corpus.ends), args.block, packing=True)

@@ -33,7 +33,7 @@ MODELS = {
     "medium": ("gpt2", dict(n_layer=10, n_head=10, n_embd=640, n_positions=1024, vocab_size=4096, resid_pdrop=0,
                             embd_pdrop=0, attn_pdrop=0)),
 }
-DATA = ["data/train.txt", "data/train.jsonl"]
+DATA = ["tests/data/train.txt", "tests/data/train.jsonl"]
 
 TRAINER = """import json, statistics, sys, time, torch
 sys.path.insert(0, sys.argv[1])

@@ -29,7 +29,7 @@ MARKED = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 @pytest.fixture(scope="module")
 def tok():
     """A scratch BPE with ChatML's markers as special tokens, as TRAIN.py builds for conversation data."""
-    return train_tokenizer(iter_texts([CHAT, "data/train.txt"]), 400, chat=True)
+    return train_tokenizer(iter_texts([CHAT, "tests/data/train.txt"]), 400, chat=True)
 
 
 def lines(tmp_path, *objs, name="c.jsonl"):
@@ -110,7 +110,7 @@ def test_the_end_of_turn_token_is_a_target_and_user_tokens_never_are(tok):
 
 
 def test_prompt_completion_without_a_template_is_prompt_completion_eos(tok):
-    no_template = train_tokenizer(iter_texts(["data/train.txt"]), 300)
+    no_template = train_tokenizer(iter_texts(["tests/data/train.txt"]), 300)
     ids, mask, n_bytes = encode([("prompt", {"prompt": "The cat", "completion": " sat."}, "x:1")], no_template)[0]
     p, c = no_template("The cat")["input_ids"], no_template(" sat.", add_special_tokens=False)["input_ids"]
     assert ids == p + c + [no_template.eos_token_id] and mask == [0] * len(p) + [1] * (len(c) + 1)
@@ -140,7 +140,7 @@ def tiny_model(vocab):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-@pytest.mark.parametrize("files", [["data/train.txt"], [CHAT]], ids=["text", "conversations"])
+@pytest.mark.parametrize("files", [["tests/data/train.txt"], [CHAT]], ids=["text", "conversations"])
 def test_a_packed_block_loss_is_the_sum_of_its_documents_losses(tmp_path, tok, files):
     corpus = token_cache(files, tok, str(tmp_path / "cache"))
     packed = sequences(corpus, 0, len(corpus.ends), 256, packing=True)
@@ -163,7 +163,7 @@ def test_a_packed_block_loss_is_the_sum_of_its_documents_losses(tmp_path, tok, f
     assert not torch.allclose(loss, alone, rtol=1e-5, atol=0)
 
 
-CHAT_RUN = ["--data", CHAT, "data/train.txt", "--max-length", "128", "--config-overrides",
+CHAT_RUN = ["--data", CHAT, "tests/data/train.txt", "--max-length", "128", "--config-overrides",
             "{n_layer: 2, n_head: 2, n_embd: 32, n_positions: 128, resid_pdrop: 0, embd_pdrop: 0, attn_pdrop: 0}"]
 
 
@@ -233,7 +233,7 @@ def test_infer_chat_renders_the_tokens_training_used(chat_model):
 
 
 def test_a_tokenizer_without_template_gets_chatml_ending_turns_with_a_stop_string():
-    tok = train_tokenizer(iter_texts(["data/train.txt"]), 300)  # no ChatML special tokens: <|im_end|> is plain text
+    tok = train_tokenizer(iter_texts(["tests/data/train.txt"]), 300)  # no ChatML special tokens: <|im_end|> is plain text
     tok.chat_template = CHATML
     text, token = end_of_turn(tok)
     assert text == "<|im_end|>" and token is None  # several tokens: INFER.py stops on the string

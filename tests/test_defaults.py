@@ -14,8 +14,9 @@ from BATCHES import collate, count_targets, evenly_spaced, gather, held_out
 from TRAIN import lr_at
 from conftest import ROOT, reference_nll, run, train
 
-SEED_COMMAND = ["--data", "data/train.txt", "data/train.jsonl", "--out", "./out", "--epochs", "1", "--batch-size", "2",
-                "--grad-accum", "16"]
+# the README's full fine-tuning example, on the tests' text
+FINE_TUNE = ["--data", "tests/data/train.txt", "tests/data/train.jsonl", "--out", "./out", "--epochs", "1",
+             "--batch-size", "2", "--grad-accum", "16"]
 
 
 @pytest.fixture
@@ -27,11 +28,11 @@ def test_config_yaml_is_the_default_experiment_when_no_model_is_named(at_root):
     cfg, _, _ = load([])
     demo = FLAGS.read_yaml("config.yaml")
     assert cfg.model.from_scratch and cfg.training.learning_rate == demo["training"]["learning_rate"]
-    assert cfg.data.packing is demo["data"]["packing"] and cfg.training.max_length == demo["training"]["max_length"]
+    assert cfg.data.val_files == demo["data"]["val_files"] and cfg.training.max_length == demo["training"]["max_length"]
 
 
-def test_seed_command_gets_full_fine_tune_defaults_not_the_demos(at_root):
-    cfg, _, _ = load(["--model", "some/model/dir", *SEED_COMMAND])
+def test_a_fine_tune_command_gets_full_fine_tune_defaults_not_the_demos(at_root):
+    cfg, _, _ = load(["--model", "some/model/dir", *FINE_TUNE])
     assert not cfg.model.from_scratch and cfg.model.config_overrides == {}
     assert cfg.training.learning_rate == 5e-5 and cfg.data.packing is False
     assert cfg.training.max_length is None  # the model's context (capped), set once the model is loaded
@@ -54,8 +55,8 @@ def test_an_explicit_config_file_is_read_with_a_model_flag(tmp_path, at_root):
     assert (cfg.training.learning_rate, cfg.training.max_length, cfg.data.packing) == (1e-4, 64, True)
 
 
-def test_print_config_of_the_seed_command_shows_the_fine_tune_defaults():
-    r = run("TRAIN.py", "--model", "some/model/dir", *SEED_COMMAND, "--print-config")
+def test_print_config_of_a_fine_tune_command_shows_the_fine_tune_defaults():
+    r = run("TRAIN.py", "--model", "some/model/dir", *FINE_TUNE, "--print-config")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("# config: built-in defaults (config.yaml, the default experiment, is read only when")
     assert "learning_rate: 5.0e-05  # full fine-tune default" in r.stdout
@@ -87,20 +88,20 @@ def perplexity(model, data):
     return math.exp(nll / n)
 
 
-def test_seed_command_fine_tunes_without_wrecking_the_model(tmp_path):
-    """A model trained on data/train.txt, fine-tuned on another text with the seed's command and no learning-rate
+def test_a_fine_tune_without_a_learning_rate_does_not_wreck_the_model(tmp_path):
+    """A model trained on tests/data/train.txt, fine-tuned on another text with the README's command and no learning-rate
     flag: its perplexity on held-out lines of the new text goes down, and on its first text rises by < 10%
     (config.yaml's demo rate, 3e-3, which this command inherited before, raises it by far more)."""
     base = tmp_path / "base"
-    train(base, "--max-steps", "120", "--learning-rate", "3e-3", "--data", "data/train.txt")
+    train(base, "--max-steps", "120", "--learning-rate", "3e-3", "--data", "tests/data/train.txt")
     (tmp_path / "new.txt").write_text(timetable(320, seed=0))
     (tmp_path / "new_held_out.txt").write_text(timetable(40, seed=1))
-    before = perplexity(base, tmp_path / "new_held_out.txt"), perplexity(base, "data/train.txt")
+    before = perplexity(base, tmp_path / "new_held_out.txt"), perplexity(base, "tests/data/train.txt")
     r = run("TRAIN.py", "--model", base, "--data", tmp_path / "new.txt", "--out", tmp_path / "ft", "--epochs", "1",
             "--batch-size", "2", "--grad-accum", "16")
     assert r.returncode == 0, r.stderr
     assert "purpose: full fine-tune, so learning_rate=5.0e-05" in r.stderr
-    after = perplexity(tmp_path / "ft", tmp_path / "new_held_out.txt"), perplexity(tmp_path / "ft", "data/train.txt")
+    after = perplexity(tmp_path / "ft", tmp_path / "new_held_out.txt"), perplexity(tmp_path / "ft", "tests/data/train.txt")
     assert after[0] < before[0], (before, after)
     assert after[1] < 1.1 * before[1], (before, after)
 

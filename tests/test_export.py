@@ -128,7 +128,7 @@ def test_gguf_quantised_weights_are_within_one_rounding_step(models, ggufs, arch
 def test_gguf_embeds_the_tokenizer(models, ggufs, arch):
     from TOKENIZER import load_tokenizer
     mine, embedded = load_tokenizer(str(models[arch])), load_tokenizer(str(ggufs[arch, "q8_0"][0]))
-    texts = open(os.path.join(ROOT, "data", "train.txt")).read().splitlines()[:50] + ["x <|endoftext|> y 12345"]
+    texts = open(os.path.join(ROOT, "tests", "data", "train.txt")).read().splitlines()[:50] + ["x <|endoftext|> y 12345"]
     assert [embedded(t).input_ids for t in texts] == [mine(t).input_ids for t in texts]
     assert (embedded.eos_token_id, len(embedded)) == (mine.eos_token_id, len(mine))
 
@@ -142,8 +142,8 @@ def test_gguf_model_generates_like_its_source_in_infer(models, ggufs):
 
 
 def test_gguf_model_scores_like_its_source_in_eval(models, ggufs):
-    from_dir = run("EVAL.py", "--model", models["gpt2"], "--data", "data/train.jsonl")
-    from_gguf = run("EVAL.py", "--model", ggufs["gpt2", "f32"][0], "--data", "data/train.jsonl")
+    from_dir = run("EVAL.py", "--model", models["gpt2"], "--data", "tests/data/train.jsonl")
+    from_gguf = run("EVAL.py", "--model", ggufs["gpt2", "f32"][0], "--data", "tests/data/train.jsonl")
     assert from_gguf.returncode == 0, from_gguf.stderr
     assert from_gguf.stdout == from_dir.stdout and "perplexity" in from_dir.stdout
 
@@ -189,7 +189,7 @@ def llama_cpp_greedy(llm, ids, n, eos):
 def test_llama_cpp_tokenizes_like_the_model_tokenizer(models, ggufs, arch):
     from TOKENIZER import load_tokenizer
     llm, tok = llama_cpp_model(ggufs[arch, "f32"][0]), load_tokenizer(str(models[arch]))
-    texts = open(os.path.join(ROOT, "data", "train.txt")).read().splitlines()[:50]
+    texts = open(os.path.join(ROOT, "tests", "data", "train.txt")).read().splitlines()[:50]
     assert [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts] == [tok(t).input_ids for t in texts]
 
 
@@ -213,7 +213,7 @@ def test_llama_cpp_quantised_top1_agrees_with_pytorch_99_percent(models, ggufs, 
     from TOKENIZER import load_tokenizer
     llm, tok, model = llama_cpp_model(ggufs[arch, quant][0]), load_tokenizer(str(models[arch])), load(models[arch])
     agree = total = 0
-    for line in open(os.path.join(ROOT, "data", "train.txt")).read().splitlines()[100:140]:
+    for line in open(os.path.join(ROOT, "tests", "data", "train.txt")).read().splitlines()[100:140]:
         ids = tok(line).input_ids[:128]
         llm.reset()
         llm.eval(ids)

@@ -34,7 +34,7 @@ def test_only_adapter_weights_change(adapter, trained):
 
 def test_loss_goes_down(adapter, trained):
     def nll(model):  # on fixed text, so batch-to-batch noise does not decide
-        r = run("EVAL.py", "--model", model, "--data", "data/train.jsonl")
+        r = run("EVAL.py", "--model", model, "--data", "tests/data/train.jsonl")
         assert r.returncode == 0, r.stderr
         return float(r.stdout.split("nll_per_token")[1].split()[0])
     assert nll(adapter) < nll(trained)
@@ -46,7 +46,7 @@ def test_adapter_directory_loads_in_infer_and_eval(adapter, trained):
     merged = run("INFER.py", "--model", adapter / "merged", "--prompt", "Once upon a time", "--greedy",
                  "--max-new-tokens", "8")
     assert merged.stdout == g.stdout
-    e = run("EVAL.py", "--model", adapter, "--data", "data/train.txt", "--base-model", trained)
+    e = run("EVAL.py", "--model", adapter, "--data", "tests/data/train.txt", "--base-model", trained)
     assert e.returncode == 0 and "perplexity" in e.stdout, e.stderr
 
 

@@ -29,7 +29,7 @@ def server(tmp_path_factory):
     """A tiny chat model (ChatML, a context of 1024) served on a free loopback port with an API key:
     (model dir, base url, the server's log file)."""
     out = tmp_path_factory.mktemp("serve") / "out"
-    train(out, "--data", "data/chat.jsonl", "data/train.txt", "--max-length", "128", "--config-overrides",
+    train(out, "--data", "data/chat.jsonl", "tests/data/train.txt", "--max-length", "128", "--config-overrides",
           "{n_layer: 2, n_head: 2, n_embd: 32, n_positions: 1024}")
     port, logfile = free_port(), out.parent / "server.log"
     proc = subprocess.Popen([sys.executable, "INFER.py", "--model", str(out), "--serve", "--port", str(port),

@@ -139,10 +139,10 @@ def test_weight_decay_goes_to_matrices_only():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_seed_command_fine_tunes_a_local_model_directory(tmp_path, trained):
-    """The seed's command line, with a local model directory in place of gpt2 and the default config.yaml."""
+def test_the_readme_fine_tune_command_fine_tunes_a_local_model_directory(tmp_path, trained):
+    """The README's fine-tuning command, with a local model directory in place of gpt2 and config.yaml present."""
     out = tmp_path / "out"
-    r = run("TRAIN.py", "--model", trained, "--data", "data/train.txt", "data/train.jsonl", "--out", out,
+    r = run("TRAIN.py", "--model", trained, "--data", "tests/data/train.txt", "tests/data/train.jsonl", "--out", out,
             "--epochs", "1", "--batch-size", "2", "--grad-accum", "16")
     assert r.returncode == 0, r.stderr
     assert "global batch 32 = 2 x 16 accum" in r.stderr
