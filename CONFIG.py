@@ -140,7 +140,8 @@ class InferCfg:
     stop: list = opt([], "stop when one of these strings is generated (not printed); repeatable")
     each_line: bool = opt(False, "every stdin line is a prompt, answered in order (batched)")
     jsonl: bool = opt(False, "with --each-line: one JSON object per prompt (prompt, completion, token counts)")
-    batch_size: int = opt(8, "prompts generated together with --each-line", min=1)
+    batch_size: int = opt(8, "prompts generated together: stdin lines with --each-line, requests with --serve "
+                             "(1: one at a time)", min=1)
     chat: bool = opt(False, "apply the tokenizer's chat template to the prompt (as training rendered it) and stop at "
                             "its end of turn")
     system: Optional[str] = opt(None, "system message for --chat")
@@ -149,6 +150,8 @@ class InferCfg:
     port: int = opt(8000, "--serve: the port to listen on", min=1, at_most=65535)
     api_key: Optional[str] = opt(None, "--serve: requests must send 'Authorization: Bearer KEY' (default: the "
                                  "LLM_MINI_API_KEY environment variable, else none)")
+    max_waiting: int = opt(64, "--serve: requests that may wait for their turn; more are refused (503, "
+                               "Retry-After)", min=1)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 for a chat), transformers' model.generate with sampling and stop strings, streaming that never prints a stop
 string, and the answer's text cut at its end."""
 import dataclasses
+import threading
 
 import torch
-from transformers import TextStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from CHAT import end_of_turn
 from CONFIG import UserError, log
@@ -77,29 +78,6 @@ def prompt_end(tokenizer, ids, stops):
     return tokenizer.decode(ids, skip_special_tokens=True)[-max(map(len, stops), default=0):] if stops else ""
 
 
-class StopStreamer(TextStreamer):
-    """transformers' TextStreamer, writing to `out` and never writing a stop string (or its beginning); `after`
-    each answer. `prefix`: the prompt's end (prompt_end); `final`: what was shown of the last answer."""
-
-    def __init__(self, tokenizer, stops, out, after="\n"):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.stops, self.out, self.after = stops, out, after
-        self.text, self.printed, self.final, self.prefix = "", 0, "", ""
-
-    def on_finalized_text(self, new, stream_end=False):
-        self.text += new
-        shown, stopped = cut_at_stop(self.text, self.stops, self.prefix)
-        if not (stopped or stream_end):
-            shown = shown[:len(shown) - held_back(shown, self.stops)]
-        if len(shown) > self.printed:
-            self.out.write(shown[self.printed:])
-            self.printed = len(shown)
-        if stream_end:  # ready for the next prompt
-            self.out.write(self.after)
-            self.text, self.printed, self.final = "", 0, shown
-        self.out.flush()
-
-
 def fit_context(ids, max_new_tokens, context, warned):
     """Keep the tail of a prompt that leaves no room for max_new_tokens in the context window."""
     max_new_tokens = min(max_new_tokens, context - 1)
@@ -111,29 +89,72 @@ def fit_context(ids, max_new_tokens, context, warned):
     return ids[-room:], max_new_tokens
 
 
-def generate(model, tokenizer, batch_ids, opts, **kw):
-    """Token-id lists -> new token ids per prompt (rows left-padded: each ends where generation starts), with
-    opts (Options). kw: a streamer, stopping_criteria."""
-    width = max(len(ids) for ids in batch_ids)
-    input_ids = torch.full((len(batch_ids), width), tokenizer.pad_token_id, dtype=torch.long)
+@dataclasses.dataclass
+class Row:
+    """One prompt being answered: its token ids and Options, where its text goes as it comes (a writer, or
+    None), and whether its asker went away (`cancel`). generate() fills in the rest."""
+    prompt_ids: list
+    opts: Options
+    sink: object = None
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    prefix: str = ""                  # the prompt's end, where a stop string could begin (prompt_end)
+    new_ids: list = dataclasses.field(default_factory=list)   # every token generated, end token included
+    text: str = ""                    # the answer: up to its end token or stop string
+    n_tokens: int = 0                 # the answer's tokens (its end token not counted)
+    ended: bool = False               # at an end token or stop string (else: max_new_tokens, or cancelled)
+    done: bool = False
+    shown: int = 0                    # characters of text written to sink
+
+
+def advance(tokenizer, row, new_ids, final=False):
+    """A row's tokens so far: its answer, whether it is done (or `final`), and the new text that can be shown
+    (never a stop string or its beginning, nor a character whose bytes are still coming)."""
+    ends = [new_ids.index(e) for e in row.opts.eos if e in new_ids]
+    ids = new_ids[:min(ends, default=len(new_ids))]
+    row.new_ids = new_ids[:len(ids) + 1] if ends else new_ids
+    row.text, stopped = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), row.opts.stops, row.prefix)
+    row.n_tokens, row.ended = len(ids), bool(ends) or stopped
+    row.done = final or row.ended or len(new_ids) >= row.opts.max_new_tokens or row.cancel.is_set()
+    shown = row.text if row.done else row.text[:len(row.text) - held_back(row.text, row.opts.stops)].rstrip("\ufffd")
+    if row.sink is not None and len(shown) > row.shown:
+        row.sink.write(shown[row.shown:])
+        row.sink.flush()
+        row.shown = len(shown)
+
+
+class Watch(StoppingCriteria):
+    """Called by model.generate after every token: advances each row, and tells generate which are done."""
+
+    def __init__(self, tokenizer, rows, width):
+        self.tokenizer, self.rows, self.width = tokenizer, rows, width
+
+    def __call__(self, input_ids, scores, **kw):
+        for i, row in enumerate(self.rows):
+            if not row.done:
+                advance(self.tokenizer, row, input_ids[i, self.width:].tolist())
+        return torch.tensor([row.done for row in self.rows], device=input_ids.device)
+
+
+def generate(model, tokenizer, rows):
+    """Answer rows together in one model.generate call, left-padded (each row ends where its answer starts):
+    they share the first row's sampling and end tokens; their max_new_tokens, stop strings, streaming and
+    cancellation are their own (Watch). -> the rows, done."""
+    width = max(len(row.prompt_ids) for row in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(batch_ids):
-        input_ids[row, width - len(ids):], mask[row, width - len(ids):] = torch.tensor(ids), 1
-    extra = dict(stop_strings=opts.stops, tokenizer=tokenizer) if opts.stops else {}
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row.prompt_ids):], mask[i, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids), 1
+        row.prefix = prompt_end(tokenizer, row.prompt_ids, row.opts.stops)
+    first = rows[0].opts
     with torch.inference_mode():
         out = model.generate(input_ids.to(model.device), attention_mask=mask.to(model.device),
-                             max_new_tokens=opts.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=opts.eos, **opts.sampling, **extra, **kw)
-    return out[:, width:].tolist()
-
-
-def completion(tokenizer, prompt_ids, new_ids, opts):
-    """New token ids -> (the answer's text, its token count, whether it ended at an end token or stop string)."""
-    ends = [new_ids.index(e) for e in opts.eos if e in new_ids]
-    ids = new_ids[:min(ends, default=len(new_ids))]
-    text, stopped = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), opts.stops,
-                                prompt_end(tokenizer, prompt_ids, opts.stops))
-    return text, len(ids), bool(ends) or stopped
+                             max_new_tokens=max(row.opts.max_new_tokens for row in rows), eos_token_id=first.eos,
+                             pad_token_id=tokenizer.pad_token_id, **first.sampling,
+                             stopping_criteria=StoppingCriteriaList([Watch(tokenizer, rows, width)]))
+    for i, row in enumerate(rows):  # Watch saw every row to its end; this is for one that generate cut short
+        if not row.done:
+            advance(tokenizer, row, out[i, width:].tolist()[:row.opts.max_new_tokens], final=True)
+    return rows
 
 
 def context_of(model):

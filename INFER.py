@@ -55,12 +55,11 @@ def main(argv):
     if g.seed is not None:
         torch.manual_seed(g.seed)
 
-    def run(batch_ids, streamer=None):
+    def answer(batch_ids, sink=None):
+        """The prompts' rows, answered together (each prompt's tail kept where it would not fit)."""
         fitted = [GENERATE.fit_context(ids, g.max_new_tokens, context, warned) for ids in batch_ids]
-        if streamer:
-            streamer.prefix = GENERATE.prompt_end(tokenizer, fitted[0][0], stops)
-        return GENERATE.generate(model, tokenizer, [ids for ids, _ in fitted],
-                                 dataclasses.replace(opts, max_new_tokens=fitted[0][1]), streamer=streamer)
+        return GENERATE.generate(model, tokenizer, [
+            GENERATE.Row(ids, dataclasses.replace(opts, max_new_tokens=n), sink) for ids, n in fitted])
 
     if g.each_line:  # batched; with --greedy identical to answering the lines one by one
         lines = [line.rstrip("\n") for line in sys.stdin]
@@ -68,16 +67,16 @@ def main(argv):
             chunk = lines[start:start + g.batch_size]
             encoded = [GENERATE.prompt_ids(tokenizer, p, g) if p.strip() else [] for p in chunk]
             todo = [i for i, ids in enumerate(encoded) if ids]
-            answers = dict(zip(todo, run([encoded[i] for i in todo]))) if todo else {}
+            answers = dict(zip(todo, answer([encoded[i] for i in todo]))) if todo else {}
             for i, p in enumerate(chunk):
-                text, n_new, _ = GENERATE.completion(tokenizer, encoded[i], answers[i], opts) if i in answers else ("", 0, 0)
+                text, n_new = (answers[i].text, answers[i].n_tokens) if i in answers else ("", 0)
                 record = {"prompt": p, "completion": text, "prompt_tokens": len(encoded[i]), "completion_tokens": n_new}
                 print(json.dumps(record, ensure_ascii=False) if g.jsonl else text.replace("\n", " "), flush=True)
         return
 
-    streamer = GENERATE.StopStreamer(tokenizer, stops, sys.stdout)
     if not interactive:
-        run([GENERATE.prompt_ids(tokenizer, prompt, g)], streamer)
+        answer([GENERATE.prompt_ids(tokenizer, prompt, g)], sys.stdout)
+        print(flush=True)
         return
     log(f"{cfg.model.name}: type a prompt, Enter to generate, Ctrl-D to quit")
     history = []
@@ -89,8 +88,9 @@ def main(argv):
             log("")
             return
         if line.strip():
-            run([GENERATE.prompt_ids(tokenizer, line.rstrip("\n"), g, history)], streamer)
-            history += [{"role": "user", "content": line.rstrip("\n")}, {"role": "assistant", "content": streamer.final}]
+            row = answer([GENERATE.prompt_ids(tokenizer, line.rstrip("\n"), g, history)], sys.stdout)[0]
+            print(flush=True)
+            history += [{"role": "user", "content": line.rstrip("\n")}, {"role": "assistant", "content": row.text}]
 
 
 if __name__ == "__main__":

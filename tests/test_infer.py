@@ -163,3 +163,20 @@ def test_fit_context_keeps_the_prompts_tail(n_ids, max_new, context, kept, new):
     from GENERATE import fit_context
     ids, max_new_tokens = fit_context(list(range(n_ids)), max_new, context, warned=[True])
     assert (len(ids), max_new_tokens) == (kept, new) and ids == list(range(n_ids))[-kept:]
+
+
+def test_rows_answered_together_are_the_rows_answered_alone(trained):
+    """GENERATE.generate with rows of their own lengths, budgets and stop strings: greedy, each row's answer is
+    the one it gets alone (the server batches requests this way)."""
+    import GENERATE
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = AutoModelForCausalLM.from_pretrained(trained).eval(), AutoTokenizer.from_pretrained(trained)
+    greedy = GENERATE.sampling_of(True, 0, 0, 1)
+    asks = [("Once upon a time", 20, []), ("The cat sat on", 7, []), ("A", 30, ["e"]), ("The little robot lived", 12, [" the"]),
+            ("Every day", 1, []), ("The fox", 25, ["ee"]), ("She", 16, []), ("Once", 9, ["a"])]
+    rows = lambda: [GENERATE.Row(tok(p)["input_ids"], GENERATE.Options(n, greedy, stops, [tok.eos_token_id]))  # noqa: E731
+                    for p, n, stops in asks]
+    together = GENERATE.generate(model, tok, rows())
+    alone = [GENERATE.generate(model, tok, [row])[0] for row in rows()]
+    assert [(r.text, r.n_tokens, r.ended) for r in together] == [(r.text, r.n_tokens, r.ended) for r in alone]
+    assert all(r.n_tokens <= n for r, (_, n, _) in zip(together, asks)) and any(r.ended for r in together)

@@ -147,3 +147,117 @@ def test_serving_without_the_packages_names_what_to_install(tmp_path):
     (tmp_path / "fastapi.py").write_text("raise ImportError('no fastapi here')\n")
     r = run("INFER.py", "--model", "gpt2", "--serve", env={"PYTHONPATH": str(tmp_path)}, timeout=120)
     assert r.returncode != 0 and "pip install fastapi uvicorn" in r.stderr and "Traceback" not in r.stderr
+
+
+def post(server, path, body):
+    """(status, JSON body, headers) of a POST with the API key."""
+    request = urllib.request.Request(server[1] + path, data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as r:
+            return r.status, json.load(r), {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e), {k.lower(): v for k, v in e.headers.items()}
+
+
+def test_echoed_prompt_logprobs_are_eval_pys(server, tmp_path):
+    """lm-evaluation-harness's loglikelihood request: token-id prompts, echo, logprobs, one new token."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(server[0])
+    texts = ["Once upon a time there was a fox", "The river was quiet"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    status, body, _ = post(server, "/v1/completions", {"model": model_id(server), "prompt": ids, "max_tokens": 1,
+                                                       "echo": True, "logprobs": 2, "temperature": 0})
+    assert status == 200, body
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n")
+    r = run("EVAL.py", "--model", server[0], "--data", tmp_path / "t.txt", "--dump", tmp_path / "d.jsonl")
+    assert r.returncode == 0, r.stderr
+    dumped = [json.loads(line) for line in open(tmp_path / "d.jsonl")]
+    for choice, prompt, ref in zip(sorted(body["choices"], key=lambda c: c["index"]), ids, dumped):
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(prompt) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert ref["tokens"][:len(prompt) - 1] == prompt[1:]  # EVAL scores every token but the first, then EOS
+        for got, want in zip(lp["token_logprobs"][1:len(prompt)], ref["logprobs"]):
+            assert got == pytest.approx(want, abs=1e-5)
+        assert all(len(top) <= 2 and max(top.values()) >= lp["token_logprobs"][k] - 1e-6
+                   for k, top in enumerate(lp["top_logprobs"][1:], 1))
+        assert choice["text"].startswith(tok.decode(prompt)) and lp["text_offset"][0] == 0
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_only(server):
+    status, body, _ = post(server, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 0, "echo": True,
+                                                       "logprobs": 0})
+    assert status == 200, body
+    assert body["choices"][0]["text"] == "Once upon a time" and body["usage"]["completion_tokens"] == 0
+    assert len(body["choices"][0]["logprobs"]["tokens"]) == body["usage"]["prompt_tokens"]
+    status, body, _ = post(server, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 0})
+    assert status == 400 and "needs 'echo'" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("path, extra, words", [
+    ("/v1/completions", {"prompt": "a", "presence_penalty": 0.5}, "'presence_penalty' is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "tools": []}, "'tools' is not supported"),
+    ("/v1/completions", {"prompt": [[1, 2], "text", 3]}, "'prompt' must be"),
+    ("/v1/completions", {"prompt": [[10 ** 9]]}, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 21}, "'logprobs' must be an integer from 0 to 20"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 1, "stream": True}, "not streamed"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "content parts of type 'image_url' are not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "needs 'logprobs'"),
+])
+def test_a_parameter_the_server_does_not_honour_is_refused_by_name(server, path, extra, words):
+    status, body, _ = post(server, path, extra)
+    assert status == 400 and words in body["error"]["message"], body
+
+
+def test_chat_logprobs_and_text_parts(server, client):
+    plain = client.chat.completions.create(model=model_id(server), messages=[{"role": "user", "content": QUESTION}],
+                                           temperature=0, max_tokens=12, logprobs=True, top_logprobs=3)
+    parts = [{"type": "text", "text": QUESTION[:7]}, {"type": "text", "text": QUESTION[7:]}]
+    split = client.chat.completions.create(model=model_id(server), messages=[{"role": "user", "content": parts}],
+                                           temperature=0, max_tokens=12)
+    assert split.choices[0].message.content == plain.choices[0].message.content
+    content = plain.choices[0].logprobs.content
+    assert content and "".join(c.token for c in content).startswith(plain.choices[0].message.content)
+    assert all(len(c.top_logprobs) == 3 and c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-5)
+               for c in content)  # greedy: each token is its position's most likely
+
+
+def test_the_tokenizer_endpoints_round_trip(server):
+    info = json.load(urllib.request.urlopen(urllib.request.Request(server[1] + "/tokenizer_info",
+                                                                   headers={"Authorization": f"Bearer {KEY}"})))
+    assert info["eos_token"] == "<|endoftext|>" and "<|im_start|>" in info["chat_template"]
+    status, ids, _ = post(server, "/tokenize", {"prompt": "Once upon a time", "add_special_tokens": False})
+    assert status == 200 and ids["count"] == len(ids["tokens"]) > 0
+    assert post(server, "/detokenize", {"tokens": ids["tokens"]})[1] == {"prompt": "Once upon a time"}
+
+
+@pytest.fixture(scope="module")
+def busy_server(server):
+    """The same model served one request at a time, with room for one waiting request."""
+    port, logfile = free_port(), server[0].parent / "busy.log"
+    proc = subprocess.Popen([sys.executable, "INFER.py", "--model", str(server[0]), "--serve", "--port", str(port),
+                             "--api-key", KEY, "--batch-size", "1", "--max-waiting", "1"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=open(logfile, "w"))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None, logfile.read_text()
+            time.sleep(0.25)
+    yield server[0], url, logfile
+    proc.terminate()
+    proc.wait(30)
+
+
+def test_a_full_queue_is_a_503_with_retry_after_and_the_rest_are_answered(busy_server):
+    from concurrent.futures import ThreadPoolExecutor
+    ask = {"prompt": "Once upon a time", "max_tokens": 300, "temperature": 0}
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: post(busy_server, "/v1/completions", ask), range(6)))
+    busy = [r for r in results if r[0] == 503]
+    assert busy and all(r[2].get("retry-after") == "1" and "busy" in r[1]["error"]["message"] for r in busy)
+    answered = [r for r in results if r[0] == 200]
+    assert len(answered) >= 2 and len({r[1]["choices"][0]["text"] for r in answered}) == 1
