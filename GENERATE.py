@@ -61,10 +61,10 @@ def prompt_ids(tokenizer, prompt, g, history=()):
 
 
 def cut_at_stop(text, stops, prefix=""):
-    """(text up to the first stop string, whether one was found). transformers' StopStringCriteria also
-    matches a stop string that begins in the prompt, so `prefix` (the prompt's end) is searched too."""
+    """(text up to the first stop string, whether one was found). A stop string may begin in the prompt (its
+    end, `prefix`) as long as it ends in the text, as transformers' StopStringCriteria matches them."""
     joined = prefix + text
-    hits = [joined.find(s) for s in stops if s in joined]
+    hits = [i for i in (joined.find(s, max(0, len(prefix) - len(s) + 1)) for s in stops) if i >= 0]
     return (text[:max(0, min(hits) - len(prefix))], True) if hits else (text, False)
 
 

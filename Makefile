@@ -12,9 +12,9 @@ $(VENV)/.core: requirements.txt Makefile
 	$(PIP) -r requirements.txt matplotlib
 	touch $@
 
-# the tests also cover the optional features: LoRA, exports, serving
+# the tests also cover the optional features: LoRA, exports, serving (and lm-evaluation-harness against it)
 $(VENV)/.installed: $(VENV)/.core
-	$(PIP) pytest pytest-xdist peft onnx onnxruntime onnxscript gguf fastapi uvicorn openai
+	$(PIP) pytest pytest-xdist peft onnx onnxruntime onnxscript gguf fastapi uvicorn openai "lm-eval[api]==0.4.13"
 	touch $@
 
 # --overwrite: a second `make demo` replaces the previous demo run in out/ (TRAIN.py refuses otherwise)

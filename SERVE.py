@@ -18,9 +18,7 @@ import json
 import os
 import queue
 import threading
-import time
 import types
-import uuid
 
 import uvicorn  # fastapi and uvicorn: optional, checked by INFER.py --serve before it imports this file
 from fastapi import FastAPI, Request
@@ -28,28 +26,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 import GENERATE
 import SCHEDULER
-from CHAT import ROLES
 from CONFIG import UserError, log
-
-SAMPLING = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "stream", "n"}
-ACCEPTED = {"chat": SAMPLING | {"messages", "logprobs", "top_logprobs"}, "completion": SAMPLING | {"prompt", "echo", "logprobs"}}
-
-
-class RequestError(Exception):
-    def __init__(self, status, message, param=None, code=None, headers=None):
-        super().__init__(message)
-        self.status, self.param, self.code, self.headers = status, param, code, headers
-
-
-def number(body, key, default, low, high, kind=(int, float)):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
-        what = "an integer" if kind is int else "a number"
-        raise RequestError(400, f"'{key}' must be {what} from {low} to {high}, not {json.dumps(value)}", key)
-    return value
-
+from PROTOCOL import (RequestError, choice, finish_reason, messages_of, options, prompts_of, shapes, unsupported,
+                      wanted_logprobs)
 
 @dataclasses.dataclass
 class Served:
@@ -61,139 +40,12 @@ class Served:
     waiting: SCHEDULER.Waiting
 
 
-def options(body, srv, longest_prompt, chat):
-    """The request's generation options, checked. -> (GENERATE.Options, seed)"""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    room = max(srv.context - longest_prompt, 0)
-    max_tokens = room if max_tokens is None else max_tokens
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-        raise RequestError(400, f"'max_tokens' must be an integer >= 0, not {json.dumps(max_tokens)}", "max_tokens")
-    if max_tokens > room or (room == 0 and not body.get("echo")):
-        raise RequestError(400, f"the model's context is {srv.context} tokens: {longest_prompt} in the prompt leave "
-                                f"room for {room}, and max_tokens asks for {max_tokens}", "max_tokens",
-                           "context_length_exceeded")
-    if max_tokens == 0 and not body.get("echo"):
-        raise RequestError(400, "'max_tokens' 0 generates nothing: it needs 'echo' (to score the prompt)", "max_tokens")
-    temperature, top_p = number(body, "temperature", 1.0, 0, 2), number(body, "top_p", 1.0, 0, 1)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise RequestError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-    seed = number(body, "seed", None, -2**63, 2**63 - 1, int)
-    if body.get("n", 1) != 1:
-        raise RequestError(400, "only n=1 is supported", "n")
-    stops, eos = GENERATE.stops_and_eos(srv.tokenizer, stop, chat)
-    return GENERATE.Options(max_tokens, GENERATE.sampling_of(False, temperature, 0, top_p or 1e-9), stops, eos), seed
-
-
-def wanted_logprobs(body, chat):
-    """How many alternatives per token the request wants, or None for no log-probabilities."""
-    if chat:
-        if not isinstance(body.get("logprobs", False), bool):
-            raise RequestError(400, "'logprobs' must be true or false", "logprobs")
-        if body.get("top_logprobs") is not None and not body.get("logprobs"):
-            raise RequestError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        top = number(body, "top_logprobs", 0, 0, 20, int) if body.get("logprobs") else None
-    else:
-        top = number(body, "logprobs", None, 0, 20, int)
-        if not isinstance(body.get("echo", False), bool):
-            raise RequestError(400, "'echo' must be true or false", "echo")
-    if top is not None and body.get("stream"):
-        raise RequestError(400, "log-probabilities are not streamed - drop 'stream' or 'logprobs'", "logprobs")
-    return top
-
-
-def messages_of(body):
-    """The conversation; a message's content is a string or a list of text parts, as OpenAI clients send it."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-            other = [p.get("type") for p in content if p.get("type") != "text" or not isinstance(p.get("text"), str)]
-            if other:
-                raise RequestError(400, f"messages[{i}]: content parts of type {other[0]!r} are not supported - "
-                                        "send text parts ({\"type\": \"text\", \"text\": …})", f"messages[{i}]")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, str):
-            raise RequestError(400, f"messages[{i}] must be {{\"role\": one of {', '.join(ROLES)}, \"content\": a "
-                                    f"string or a list of text parts}}", f"messages[{i}]")
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
-def prompts_of(body, tokenizer):
-    """[(prompt text, token ids)] of a completions request: a string, a list of strings, a list of token ids, or
-    a list of lists of token ids (what lm-evaluation-harness sends)."""
-    prompt = body.get("prompt")
-    ids = lambda p: isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)  # noqa: E731
-    prompts = [prompt] if isinstance(prompt, str) or ids(prompt) else prompt
-    if not isinstance(prompts, list) or not prompts or not all((isinstance(p, str) and p) or ids(p) for p in prompts):
-        raise RequestError(400, "'prompt' must be a non-empty string, a list of token ids, or a list of those",
-                           "prompt")
-    out = []
-    for p in prompts:
-        if isinstance(p, list) and not all(0 <= t < len(tokenizer) for t in p):
-            raise RequestError(400, f"'prompt' holds token ids outside the vocabulary (0 to {len(tokenizer) - 1})",
-                               "prompt")
-        out.append((p, tokenizer(p)["input_ids"]) if isinstance(p, str) else (tokenizer.decode(p), p))
-    return out
-
-
 def error(status, message, param=None, code=None, headers=None):
     """An OpenAI-shaped error response."""
     kind = {401: "authentication_error", 404: "not_found_error", 500: "server_error",
             503: "service_unavailable"}.get(status, "invalid_request_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
                         headers=headers)
-
-
-def completion_logprobs(tokenizer, entries):
-    """OpenAI's completions logprobs: tokens, token_logprobs (null for the first prompt token), top_logprobs
-    ({token: logprob}) and text_offset (where each token starts in the returned text)."""
-    tokens = [tokenizer.decode([i]) for i, _, _ in entries]
-    offsets = [sum(len(t) for t in tokens[:k]) for k in range(len(tokens))]
-    top = [None if alts is None else {tokenizer.decode([i]): lp for i, lp in alts} for _, _, alts in entries]
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": top, "text_offset": offsets}
-
-
-def chat_logprobs(tokenizer, entries):
-    """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
-    def one(i, lp):
-        text = tokenizer.decode([i])
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-    return {"content": [{**one(i, lp), "top_logprobs": [one(j, l) for j, l in alts]} for i, lp, alts in entries]}
-
-
-def finish_reason(row):
-    return "stop" if row.ended or row.n_tokens < row.opts.max_new_tokens else "length"
-
-
-def shapes(srv, chat, jobs, streaming):
-    """-> (envelope(choices, **extra), usage()): the response's outer shape and its token counts."""
-    rid, created = uuid.uuid4().hex, int(time.time())
-    kind = ("chat.completion" if chat else "text_completion") + (".chunk" if streaming and chat else "")
-
-    def envelope(choices, **extra):
-        return {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "object": kind, "created": created,
-                "model": srv.name, "choices": choices, **extra}
-
-    def usage():
-        p, c = sum(len(j.row.prompt_ids) for j in jobs), sum(j.row.n_tokens for j in jobs)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-    return envelope, usage
-
-
-def choice(srv, index, job, text, chat):
-    """One answered prompt as a choice of the response (text: the prompt's, for echo)."""
-    row, tok = job.row, srv.tokenizer
-    if chat:
-        return {"index": index, "message": {"role": "assistant", "content": row.text}, "finish_reason": finish_reason(row),
-                "logprobs": chat_logprobs(tok, job.logprobs) if job.top is not None else None}
-    return {"index": index, "text": (text if job.echo else "") + row.text, "finish_reason": finish_reason(row),
-            "logprobs": completion_logprobs(tok, job.logprobs) if job.top is not None else None}
 
 
 def enqueue(srv, jobs):
@@ -206,7 +58,7 @@ async def events(srv, job, chat, pieces):
     """The server-sent events of one streamed answer: the worker puts its text on `pieces` as it comes, then the
     finished future; when the client disconnects this generator is closed, and `finally` takes the job out of
     the queue (or stops its row)."""
-    envelope, usage, loop = *shapes(srv, chat, [job], True), asyncio.get_running_loop()
+    envelope, usage, loop = *shapes(srv.name, chat, [job], True), asyncio.get_running_loop()
     delta = (lambda text: {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": None}) if chat else \
         (lambda text: {"index": 0, "text": text, "logprobs": None, "finish_reason": None})
     try:
@@ -241,8 +93,8 @@ async def respond(srv, jobs, texts, chat, stream):
     except asyncio.CancelledError:  # the client went away before its answer
         SCHEDULER.withdraw(srv.waiting, jobs)
         raise
-    envelope, usage = shapes(srv, chat, jobs, False)
-    return JSONResponse(envelope([choice(srv, i, job, text, chat) for i, (job, text) in enumerate(zip(done, texts))],
+    envelope, usage = shapes(srv.name, chat, jobs, False)
+    return JSONResponse(envelope([choice(srv.tokenizer, i, job, text, chat) for i, (job, text) in enumerate(zip(done, texts))],
                                  usage=usage()))
 
 
@@ -259,9 +111,7 @@ async def json_of(request):
 async def body_of(request, name, kind):
     """A completions request's body, checked: JSON, only parameters this server honours, this model."""
     body = await json_of(request)
-    unknown = sorted(set(body) - ACCEPTED[kind])
-    if unknown:
-        raise RequestError(400, f"'{unknown[0]}' is not supported by this server - drop it", unknown[0])
+    unsupported(body, kind)
     if body.get("model") not in (None, name):
         raise RequestError(404, f"model '{body['model']}' is not served here; this server has '{name}'", "model",
                            "model_not_found")
@@ -303,7 +153,7 @@ def make_app(srv, api_key):
     async def chat_completions(request: Request):
         body = await body_of(request, srv.name, "chat")
         ids, top = GENERATE.chat_ids(srv.tokenizer, messages_of(body)), wanted_logprobs(body, chat=True)
-        opts, seed = options(body, srv, len(ids), chat=True)
+        opts, seed = options(body, srv.tokenizer, srv.context, len(ids), chat=True)
         return await respond(srv, [SCHEDULER.Job(GENERATE.Row(ids, opts), seed, top)], [""], True, bool(body.get("stream")))
 
     @app.post("/v1/completions")
@@ -312,7 +162,7 @@ def make_app(srv, api_key):
         prompts, top = prompts_of(body, srv.tokenizer), wanted_logprobs(body, chat=False)
         if len(prompts) > 1 and body.get("stream"):
             raise RequestError(400, "'stream' takes a single prompt", "stream")
-        opts, seed = options(body, srv, max(len(ids) for _, ids in prompts), chat=False)
+        opts, seed = options(body, srv.tokenizer, srv.context, max(len(ids) for _, ids in prompts), chat=False)
         echo = bool(body.get("echo"))
         jobs = [SCHEDULER.Job(GENERATE.Row(ids, opts), seed, top, echo) for _, ids in prompts]
         return await respond(srv, jobs, [text for text, _ in prompts], False, bool(body.get("stream")))

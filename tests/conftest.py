@@ -1,6 +1,10 @@
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 # The suite runs in two pytest workers (make test: -n 2) on small models: one thread per process (this one and
 # every script it starts) instead of two workers' OpenMP pools spinning against each other on the same cores.
@@ -59,3 +63,26 @@ def reference_nll(path, texts):
         n += ids.shape[1] - 1
     return nll, n
 
+
+
+@contextlib.contextmanager
+def serving(model, *flags, log=None):
+    """`INFER.py --model MODEL --serve` on a free loopback port until the block ends: yields its base url."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "INFER.py", "--model", str(model), "--serve", "--port", str(port), *flags],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "w") if log else subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, open(log).read() if log else "the server exited"
+                time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)

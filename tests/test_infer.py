@@ -140,6 +140,8 @@ def test_interactive_loop_at_a_terminal(trained):
     ("Hello World", ["."], "", ("Hello World", False)),
     ("ab User: x", ["User:", "ab"], "", ("", True)),               # the earliest stop wins
     ("er: hi", ["User:"], "Us", ("", True)),                      # a stop that began in the prompt
+    ("ooot", ["\n"], "assistant\n", ("ooot", False)),             # one wholly in the prompt is not a stop
+    ("ab\ncd", ["\n"], "x\n", ("ab", True)),
     ("no stop", [], "", ("no stop", False)),
 ])
 def test_cut_at_stop(text, stops, prefix, expected):

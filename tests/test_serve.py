@@ -1,15 +1,12 @@
 """INFER.py --serve: the OpenAI-compatible API, driven by the official openai client against a real server."""
 import json
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from conftest import ROOT, run, train
+from conftest import run, serving, train
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -18,10 +15,8 @@ KEY = "test-key"
 SYSTEM, QUESTION = "Be brief.", "What is LLM-MINI?"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+CHAT_MODEL = ["--data", "data/chat.jsonl", "tests/data/train.txt", "--max-length", "128", "--config-overrides",
+              "{n_layer: 2, n_head: 2, n_embd: 32, n_positions: 1024}"]
 
 
 @pytest.fixture(scope="module")
@@ -29,22 +24,9 @@ def server(tmp_path_factory):
     """A tiny chat model (ChatML, a context of 1024) served on a free loopback port with an API key:
     (model dir, base url, the server's log file)."""
     out = tmp_path_factory.mktemp("serve") / "out"
-    train(out, "--data", "data/chat.jsonl", "tests/data/train.txt", "--max-length", "128", "--config-overrides",
-          "{n_layer: 2, n_head: 2, n_embd: 32, n_positions: 1024}")
-    port, logfile = free_port(), out.parent / "server.log"
-    proc = subprocess.Popen([sys.executable, "INFER.py", "--model", str(out), "--serve", "--port", str(port),
-                             "--api-key", KEY], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(logfile, "w"))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except OSError:
-            assert proc.poll() is None, logfile.read_text()
-            time.sleep(0.25)
-    yield out, url, logfile
-    proc.terminate()
-    proc.wait(30)
+    train(out, *CHAT_MODEL)
+    with serving(out, "--api-key", KEY, log=out.parent / "server.log") as url:
+        yield out, url, out.parent / "server.log"
 
 
 @pytest.fixture
@@ -235,21 +217,8 @@ def test_the_tokenizer_endpoints_round_trip(server):
 @pytest.fixture(scope="module")
 def busy_server(server):
     """The same model served one request at a time, with room for one waiting request."""
-    port, logfile = free_port(), server[0].parent / "busy.log"
-    proc = subprocess.Popen([sys.executable, "INFER.py", "--model", str(server[0]), "--serve", "--port", str(port),
-                             "--api-key", KEY, "--batch-size", "1", "--max-waiting", "1"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=open(logfile, "w"))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except OSError:
-            assert proc.poll() is None, logfile.read_text()
-            time.sleep(0.25)
-    yield server[0], url, logfile
-    proc.terminate()
-    proc.wait(30)
+    with serving(server[0], "--api-key", KEY, "--batch-size", "1", "--max-waiting", "1") as url:
+        yield server[0], url
 
 
 def test_a_full_queue_is_a_503_with_retry_after_and_the_rest_are_answered(busy_server):

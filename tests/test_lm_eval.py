@@ -1,0 +1,104 @@
+"""lm-evaluation-harness drives INFER.py --serve: loglikelihood tasks through local-completions score as its own
+hf backend does on the same model directory, generation tasks through local-chat-completions answer as
+INFER.py --chat --greedy does. Tasks from local JSONL files, as a user defines their own."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run, serving, train
+
+pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'lm-eval[api]')")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+CHOICES = [("Once upon a time, a small fox lived at the edge of a quiet", ["forest.", "table."], 0),
+           ("The fox liked to watch the river shine in the morning", ["sun.", "car."], 0),
+           ("Every day the fox walked to the", ["river", "moon"], 0),
+           ("The cat sat on the", ["mat.", "sky."], 0),
+           ("A little girl found a", ["shell", "engine"], 0),
+           ("The boy ran to the", ["park.", "number."], 1)]
+QUESTIONS = ["What is LLM-MINI?", "Which file trains the model?", "How do I resume a run?"]
+TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+"""
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    """A 2-choice loglikelihood task and a generate_until task, each a YAML file beside its JSONL data."""
+    root = tmp_path_factory.mktemp("tasks")
+    (root / "choice.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                                               for q, c, a in CHOICES))
+    (root / "ask.jsonl").write_text("".join(json.dumps({"question": q, "answer": ""}) + "\n" for q in QUESTIONS))
+    (root / "choice.yaml").write_text(TASK.format(name="mini_choice", data=root / "choice.jsonl") + """\
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list:
+  - metric: acc
+""")
+    (root / "ask.yaml").write_text(TASK.format(name="mini_ask", data=root / "ask.jsonl") + """\
+output_type: generate_until
+doc_to_text: "{{question}}"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 16
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm_eval") / "out"
+    train(out, "--data", "data/chat.jsonl", "tests/data/train.txt", "--max-length", "128", "--config-overrides",
+          "{n_layer: 2, n_head: 2, n_embd: 32, n_positions: 1024}")
+    return out
+
+
+def lm_eval(out, *args):
+    """Run lm-eval's command line; -> the per-sample records it logged."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "lm_eval", *map(str, args), "--output_path", out, "--log_samples"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (samples,) = glob.glob(os.path.join(out, "*", "samples_*.jsonl"))
+    return sorted((json.loads(line) for line in open(samples)), key=lambda s: s["doc_id"])
+
+
+def test_multiple_choice_through_the_server_scores_as_lm_evals_hf_backend(model, tasks, tmp_path):
+    common = ["--tasks", "mini_choice", "--include_path", tasks]
+    with serving(model) as url:  # 4 concurrent requests: the server batches them
+        served = lm_eval(tmp_path / "api", "--model", "local-completions", "--model_args",
+                         f"model={model},base_url={url}/v1/completions,num_concurrent=4,tokenized_requests=True",
+                         *common)
+    direct = lm_eval(tmp_path / "hf", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
+                     "--device", "cpu", *common)
+    assert [s["acc"] for s in served] == [s["acc"] for s in direct]
+    for a, b in zip(served, direct):
+        for (got, _), (want, _) in zip(a["filtered_resps"], b["filtered_resps"]):
+            assert abs(float(got) - float(want)) <= 1e-4, (a["doc"], got, want)
+
+
+def test_generation_through_chat_completions_answers_as_infer_chat_greedy(model, tasks, tmp_path):
+    with serving(model) as url:
+        samples = lm_eval(tmp_path / "chat", "--model", "local-chat-completions", "--model_args",
+                          f"model={model},base_url={url}/v1/chat/completions,num_concurrent=2",
+                          "--apply_chat_template", "--tasks", "mini_ask", "--include_path", tasks)
+    for s in samples:
+        r = run("INFER.py", "--model", model, "--chat", "--greedy", "--prompt", s["doc"]["question"],
+                "--max-new-tokens", "16", "--stop", "\n")
+        assert r.returncode == 0, r.stderr
+        assert s["filtered_resps"][0] == r.stdout[:-1] and r.stdout[:-1], (s["doc"], r.stdout)
