@@ -11,6 +11,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import threading
+import time
 from typing import Optional
 
 import torch
@@ -32,14 +33,20 @@ class Job:
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
 
+# A batch's clients usually ask again as soon as they have their answers; the worker waits this long at most for
+# as many requests as its last batch held, so that batches stay full instead of alternating small and large.
+GATHER_SECONDS = 0.02
+
+
 @dataclasses.dataclass
 class Waiting:
-    """The queue: jobs in arrival order, the condition the worker waits on, and its limits."""
+    """The queue: jobs in arrival order, the condition the worker waits on, its limits, the last batch's size."""
     max_batch: int
     max_waiting: int
     context: int
     jobs: collections.deque = dataclasses.field(default_factory=collections.deque)
     ready: threading.Condition = dataclasses.field(default_factory=threading.Condition)
+    last: int = 1
 
 
 def submit(waiting, jobs):
@@ -69,10 +76,14 @@ def together(job):
 
 
 def take(waiting):
-    """Wait for the oldest job, then take every later one that can generate with it, up to max_batch."""
+    """Wait for the oldest job (and a moment for the last batch's clients), then take every later one that can
+    generate with it, up to max_batch."""
     with waiting.ready:
         while not waiting.jobs:
             waiting.ready.wait()
+        deadline = time.monotonic() + GATHER_SECONDS
+        while len(waiting.jobs) < min(waiting.last, waiting.max_batch) and time.monotonic() < deadline:
+            waiting.ready.wait(deadline - time.monotonic())
         batch = [waiting.jobs.popleft()]
         key = together(batch[0])
         for job in list(waiting.jobs):
@@ -83,6 +94,7 @@ def take(waiting):
                     j.row.opts.max_new_tokens for j in batch + [job]) <= waiting.context:
                 waiting.jobs.remove(job)
                 batch.append(job)
+        waiting.last = len(batch)
         return batch
 
 

@@ -1,13 +1,13 @@
-"""A load check of INFER.py --serve: N concurrent clients for a fixed time against one server.
+"""A load check of INFER.py --serve: N concurrent clients for a fixed time, against the server in each mode.
 
     pip install fastapi uvicorn
-    python bench/serve_load.py --model out [--clients 1,4,8] [--seconds 20] [--max-tokens 32] [--stream]
+    python bench/serve_load.py --model out [--clients 1,4,8,16] [--batch-sizes 1,8] [--seconds 20] [--stream]
 
 Each client sends chat completions back to back (greedy, max_tokens fixed, a different question each
 time) and checks every answer is complete (valid JSON, an assistant message, a finish_reason; streamed:
-ends with [DONE]). Printed per client count: requests/s, completion tokens/s, p50/p95 latency, and
-failures. Baseline: one client, same server, same run (the server generates one request at a time, so
-more clients queue: throughput stays, latency grows with the queue).
+ends with [DONE]). One server per --batch-size (1: one request at a time, the baseline; 8: up to 8
+requests generate together), measured in the same run. Printed per client count: requests/s, completion
+tokens/s, p50/p95 latency, failures, and the requests/s against the baseline with as many clients.
 """
 import argparse
 import json
@@ -66,38 +66,50 @@ def load(url, clients, seconds, max_tokens, stream):
             lat[min(len(lat) - 1, int(0.95 * len(lat)))], sum(not r[1] for r in results), len(results))
 
 
+def start(model, batch_size):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "INFER.py", "--model", model, "--serve", "--port", str(port),
+                               "--batch-size", str(batch_size), "--max-waiting", "1000"], cwd=ROOT,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return server, url
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit("the server did not start")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--clients", default="1,4,8")
+    ap.add_argument("--clients", default="1,4,8,16")
+    ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--stream", action="store_true")
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "INFER.py", "--model", args.model, "--serve", "--port", str(port)],
-                              cwd=ROOT, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        ask(url, 0, args.max_tokens, args.stream)  # warm-up
-        cpu = next((ln.split(":")[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-        print(f"{cpu}, {os.cpu_count()} cores; {args.model}; greedy chat completions of max {args.max_tokens} tokens"
-              f"{', streamed' if args.stream else ''}; {args.seconds:g} s per row")
-        print(f"{'clients':>7} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} {'failed':>10}")
-        for n in map(int, args.clients.split(",")):
-            rps, tps, p50, p95, failed, total = load(url, n, args.seconds, args.max_tokens, args.stream)
-            print(f"{n:7d} {rps:7.2f} {tps:7.1f} {p50:7.3f} {p95:7.3f} {failed:>5}/{total:<4}", flush=True)
-    finally:
-        server.terminate()
-        server.wait(30)
+    cpu = next((ln.split(":")[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    print(f"{cpu}, {os.cpu_count()} cores; {args.model}; greedy chat completions of max {args.max_tokens} tokens"
+          f"{', streamed' if args.stream else ''}; {args.seconds:g} s per row")
+    print(f"{'batch':>5} {'clients':>7} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} {'failed':>10} {'vs batch 1':>10}")
+    baseline = {}
+    for batch in map(int, args.batch_sizes.split(",")):
+        server, url = start(args.model, batch)
+        try:
+            ask(url, 0, args.max_tokens, args.stream)  # warm-up
+            for n in map(int, args.clients.split(",")):
+                rps, tps, p50, p95, failed, total = load(url, n, args.seconds, args.max_tokens, args.stream)
+                baseline.setdefault(n, rps) if batch == 1 else None
+                ratio = f"{rps / baseline[n]:.2f}x" if n in baseline else ""
+                print(f"{batch:5d} {n:7d} {rps:7.2f} {tps:7.1f} {p50:7.3f} {p95:7.3f} {failed:>5}/{total:<4} {ratio:>10}",
+                      flush=True)
+        finally:
+            server.terminate()
+            server.wait(30)
 
 
 if __name__ == "__main__":
