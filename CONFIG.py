@@ -117,7 +117,10 @@ class TrainingCfg:
     compile: bool = opt(False, "torch.compile the model (falls back to eager, with a warning, where it cannot)")
     chunked_loss: bool = opt(True, "compute the loss chunk by chunk, never the full logits (LOSS.py; the "
                              "model's own loss where that is not equivalent); --no-chunked-loss: the model's own")
-    grad_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, more time")
+    recompute: Literal["cheap", "all", "none"] = opt(
+        "cheap", "what backward recomputes instead of keeping (RECOMPUTE.py): cheap = element-wise results, matmul "
+        "and attention outputs kept (the same gradients, less memory, little time); all = whole layers "
+        "(gradient checkpointing: least memory, about a third more time); none = keep everything")
     deterministic: bool = opt(False, "deterministic algorithms only (torch.use_deterministic_algorithms): "
                                      "repeatable to the bit on GPUs, somewhat slower")
 

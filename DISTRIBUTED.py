@@ -88,10 +88,8 @@ def shutdown():
 
 
 def wrap(raw_model, t, run):
-    """The model the loop calls, and the switch for gradient all-reduce: gradient checkpointing, compile, then
-    FSDP (in place) or DDP. Checkpoints always save raw_model: not compiled, not wrapped."""
-    if t.grad_checkpointing:
-        raw_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """The model the loop calls, and the switch for gradient all-reduce: compile, then FSDP (in place) or DDP.
+    Checkpoints always save raw_model: not compiled, not wrapped."""
     # dynamic shapes: batches differ in length; where dynamo cannot compile (no C++ compiler, an unsupported
     # op) the run falls back to eager with a warning (TRAIN.py sets suppress_errors) and compile_report says so
     model = torch.compile(raw_model, dynamic=True) if t.compile else raw_model

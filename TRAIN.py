@@ -27,6 +27,7 @@ import EVAL
 import LOSS
 import METRICS
 import MODEL
+import RECOMPUTE
 import TOKENIZER
 from CHAT import with_template
 from CONFIG import UserError, log
@@ -158,6 +159,7 @@ def train(cfg):
     val_idx = BATCHES.validation_subset(val, t)
     if t.chunked_loss:  # before wrapping, so that DDP, FSDP and compile see the swap
         LOSS.use_chunked(raw_model, run.device)
+    log(RECOMPUTE.apply(raw_model, t.recompute))  # before wrapping too: each decoder layer's own call changes
     torch._dynamo.config.suppress_errors = t.compile  # where it cannot compile: eager, with a warning
     model, sync_grads = DISTRIBUTED.wrap(raw_model, t, run)
     eval_model = raw_model if run.world > 1 and not t.fsdp else model  # not DDP's wrapper: no gradient sync to set up

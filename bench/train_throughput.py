@@ -13,6 +13,15 @@ autocast precision, CPU, no dropout. Models: smollm2 = SmolLM2-135M's shape (lla
 process, alternating, --repeats times. Speed: real tokens/s, median over the steps after the first two, then
 over runs. Memory: the process's peak RSS (from wait4), and the floor: fp32 weights + gradients + AdamW's
 two moments = 16 bytes per parameter, plus what the process holds after importing torch and transformers.
+
+    pip install trl                 # for --vs trl
+    python bench/train_throughput.py --vs trl --model DIR [--cases lora,full]
+
+Chat SFT against TRL's SFTTrainer with its defaults (gradient checkpointing on, TRL's collator; fp32 on both
+sides, as bf16 is not native on every CPU): a pretrained chat model DIR (e.g. SmolLM2-135M-Instruct) trained
+on data/chat.jsonl's conversations, three times over (96 conversations), 8 a step, 12 steps, LoRA (TRAIN.py's
+defaults: r 8, alpha 16, all linear layers, on both sides) or full. Speed: real (unpadded) tokens/s at the
+median step after the first two; memory: peak RSS.
 """
 import argparse
 import json
@@ -62,6 +71,49 @@ args = TrainingArguments(output_dir=work + "/trainer", per_device_train_batch_si
 Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Clock()]).train()
 print("TOKS", statistics.median(n / t for n, t in zip(tokens[2:], times[2:])))""" % (DATA,)
 
+TRL = """import json, statistics, sys, time, torch
+from datasets import load_dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+model_dir, data, work, lora = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+times, tokens = [], []
+class Clock(TrainerCallback):
+    def on_step_begin(self, *a, **k): self.t = time.perf_counter()
+    def on_step_end(self, *a, **k): times.append(time.perf_counter() - self.t)
+args = SFTConfig(output_dir=work + "/trl", per_device_train_batch_size=8, max_steps=12, bf16=False, use_cpu=True,
+                 report_to=[], save_strategy="no", logging_steps=1000, disable_tqdm=True, dataloader_num_workers=0)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
+trainer = SFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=data, split="train"),
+                     peft_config=peft, callbacks=[Clock()])
+collate = trainer.data_collator
+def counting(batch):  # the real tokens of each step, as TRAIN.py counts them
+    tokens.append(sum(len(b["input_ids"]) for b in batch))
+    return collate(batch)
+trainer.data_collator = counting
+trainer.train()
+print("TOKS", statistics.median(n / t for n, t in zip(tokens[2:], times[2:])))"""
+
+
+def sft_vs_trl(model_dir, lora, work):
+    """-> ((TRAIN.py tok/s, peak GB), (TRL tok/s, peak GB)) on data/chat.jsonl x 3."""
+    data = os.path.join(work, "chat3.jsonl")
+    with open(os.path.join(ROOT, "data", "chat.jsonl")) as f:
+        lines = f.read().splitlines()
+    with open(data, "w") as f:
+        f.write("\n".join(lines * 3) + "\n")
+    out = os.path.join(work, "ours-sft")
+    _, rss = run_measured([sys.executable, "TRAIN.py", "--model", model_dir, "--data", data, "--out", out,
+                           "--overwrite", "--max-steps", "12", "--batch-size", "8", "--grad-accum", "1",
+                           "--dtype", "float32", "--device", "cpu", "--log-every", "1", "--save-every", "0",
+                           "--cache-dir", work + "/cache-sft"] + (["--lora"] if lora else []))
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    ours = statistics.median(r["tokens_per_s"] for r in rows[2:] if "tokens_per_s" in r), rss
+    text, rss = run_measured([sys.executable, "-c", TRL, model_dir, data, work, str(int(lora))])
+    return ours, (float(text.split("TOKS ")[-1]), rss)
+
+
 IMPORTS = "import torch, transformers, resource; from transformers import AutoModelForCausalLM, Trainer"
 
 
@@ -83,7 +135,7 @@ def ours(model_dir, batch, length, steps, dtype, work, gc):
                            "--cache-dir", work + "/cache", "--out", out, "--overwrite", "--max-steps", str(steps),
                            "--batch-size", str(batch), "--grad-accum", "1", "--max-length", str(length),
                            "--learning-rate", "3e-4", "--warmup-steps", "2", "--dtype", dtype, "--device", "cpu",
-                           "--log-every", "1", "--save-every", "0", "--grad-checkpointing" if gc else "--no-grad-checkpointing"])
+                           "--log-every", "1", "--save-every", "0", "--recompute", "all" if gc else "cheap"])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return statistics.median(r["tokens_per_s"] for r in rows[2:] if "tokens_per_s" in r), rss
 
@@ -115,9 +167,21 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--dtypes", default="float32")
-    ap.add_argument("--grad-checkpointing", action="store_true", help="on both sides")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="on both sides (TRAIN.py --recompute all)")
+    ap.add_argument("--vs", choices=["trainer", "trl"], default="trainer")
+    ap.add_argument("--model", help="--vs trl: the pretrained chat model directory")
     args = ap.parse_args()
     import torch
+    if args.vs == "trl":
+        work = tempfile.mkdtemp(prefix="llm-mini-trl-bench-")
+        cpu = next((line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+        print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}; {args.model}; chat SFT, 8 a step, 12 steps, fp32")
+        print(f"{'mode':>6} {'ours tok/s':>10} {'TRL':>8} {'ratio':>6} | {'ours GB':>7} {'TRL':>8} {'ratio':>6}")
+        for mode in (args.cases if args.cases != ap.get_default("cases") else "lora,full").split(","):
+            (tps_a, rss_a), (tps_b, rss_b) = sft_vs_trl(args.model, mode == "lora", work)
+            print(f"{mode:>6} {tps_a:10.0f} {tps_b:8.0f} {tps_a / tps_b:6.2f} | {rss_a:7.2f} {rss_b:8.2f} "
+                  f"{rss_a / rss_b:6.2f}", flush=True)
+        return
     from DATA import iter_texts
     from TOKENIZER import train_tokenizer
     work = tempfile.mkdtemp(prefix="llm-mini-train-bench-")

@@ -1,0 +1,84 @@
+"""RECOMPUTE.py: recomputing in backward (the cheap parts, or whole layers) gives the model's own loss and gradients."""
+import pytest
+import torch
+from torch.utils.checkpoint import CheckpointPolicy
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import LOSS
+import RECOMPUTE
+from conftest import train, weights
+from test_loss import ARCHS, assert_same, batch, loss_and_grads, tiny
+
+
+def seeded_loss_and_grads(model, b):
+    torch.manual_seed(5)  # the same dropout masks on both sides: the recomputation must replay them exactly
+    return loss_and_grads(model, b)
+
+
+@pytest.mark.parametrize("mode", ["cheap", "all"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_same_loss_and_gradients_as_keeping_everything(arch, mode):
+    model = tiny(arch).train()  # dropout on (gpt2's config default): layers recompute in training mode only
+    assert LOSS.use_chunked(model, "cpu") is None
+    b = batch(97)
+    kept = seeded_loss_and_grads(model, b)
+    assert "2 layers recompute" in RECOMPUTE.apply(model, mode)
+    assert_same(kept, seeded_loss_and_grads(model, b))
+
+
+def test_same_with_lora_where_only_the_adapters_train():
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(tiny("llama"), LoraConfig(r=4, target_modules="all-linear")).train()
+    b = batch(97)
+    kept = seeded_loss_and_grads(model, b)
+    assert "2 layers recompute" in RECOMPUTE.apply(model, "cheap")
+    recomputed = seeded_loss_and_grads(model, b)
+    assert_same(kept, recomputed)
+    assert all("lora_" in n for n in recomputed[1])
+
+
+def test_cheap_recomputes_element_wise_ops_but_no_matmul():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):  # every aten op run, in order
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    def backward_ops(model):
+        loss = model(**batch(97), use_cache=False).loss
+        with Ops() as seen:
+            loss.backward()
+        return seen.ops
+    torch.manual_seed(0)  # wide enough that every matmul's inner dimension is above RECOMPUTE.CHEAP_INNER
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=128,
+        intermediate_size=256, vocab_size=97)).train()
+    kept = backward_ops(model)
+    RECOMPUTE.apply(model, "cheap")
+    recomputed = backward_ops(model)
+    forward_only = [op for op in recomputed if op not in kept]  # ops that only a forward runs: the replay
+    assert torch.ops.aten.silu.default in forward_only and torch.ops.aten.rsqrt.default in forward_only
+    assert recomputed.count(torch.ops.aten.mm.default) == kept.count(torch.ops.aten.mm.default)
+
+
+def test_matmuls_are_kept_but_not_a_lora_rank_r_one():
+    mm, x = torch.ops.aten.mm.default, torch.zeros(16, 576)
+    assert RECOMPUTE.policy(None, mm, x, torch.zeros(576, 1536)) == CheckpointPolicy.MUST_SAVE
+    assert RECOMPUTE.policy(None, mm, torch.zeros(16, 8), torch.zeros(8, 576)) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert RECOMPUTE.policy(None, torch.ops.aten.silu.default, x) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def test_training_says_what_it_recomputes_and_none_gives_the_same_weights(tmp_path):
+    cheap = train(tmp_path / "cheap", "--dropout", "0")
+    none = train(tmp_path / "none", "--dropout", "0", "--recompute", "none")
+    assert "recompute: cheap: 2 layers recompute element-wise results" in cheap.stderr
+    assert "recompute: none" in none.stderr
+    a, b = weights(tmp_path / "cheap"), weights(tmp_path / "none")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
