@@ -2,6 +2,7 @@
 tokens (packing, truncation, the held-out part), their seeded order, and batches of tensors."""
 import dataclasses
 import functools
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,7 +19,9 @@ class Sequences:
     segments: np.ndarray  # (S, 2) token ranges
     offsets: np.ndarray   # (N + 1,) into segments
     lengths: np.ndarray   # (N,) tokens of each sequence
-    targets: np.ndarray   # (N,) target tokens of each sequence
+    scored: np.ndarray    # (N,) what each sequence adds to the loss's denominator: its target tokens (SFT's loss
+                          # is a mean over tokens), or 1 for a preference pair (DPO's is a mean over pairs)
+    reference: Optional[np.ndarray] = None  # (N, 2) DPO: the reference model's answer log-probabilities
 
     def __len__(self):
         return len(self.offsets) - 1
@@ -77,6 +80,24 @@ def sequences(corpus, first_doc, last_doc, max_length, packing, too_long="trunca
                      np.add.reduceat(targets, offsets[:-1]))
 
 
+def pairs(corpus, max_length):
+    """The Sequences of a corpus of preference pairs (documents 2i and 2i+1: the chosen and rejected answers of
+    pair i, PREFERENCE.py): a pair a sequence of two segments, each truncated to max_length tokens."""
+    segs = []
+    for d in range(0, len(corpus.ends), 2):
+        for doc in (d, d + 1):
+            s = int(corpus.ends[doc - 1]) if doc else 0
+            e = min(int(corpus.ends[doc]), s + max_length)
+            if not corpus.mask[s + 1:e].any():
+                raise UserError(f"preference pair {d // 2 + 1}: its {('chosen', 'rejected')[doc - d]} answer has no "
+                                f"tokens within max_length={max_length} - raise --max-length or shorten the prompt")
+            segs.append((s, e))
+    segs = np.array(segs, dtype=np.int64)
+    offsets = np.arange(0, len(segs) + 1, 2, dtype=np.int64)
+    return Sequences(corpus, segs, offsets, np.add.reduceat(segs[:, 1] - segs[:, 0], offsets[:-1]),
+                     np.ones(len(offsets) - 1, dtype=np.int64))
+
+
 def held_out(ends, fraction, max_tokens):
     """How many of the last documents validation takes: `fraction` of them, but no more than fit in max_tokens
     (at least one), so that a large corpus does not hold out gigabytes."""
@@ -108,9 +129,15 @@ def validation_subset(val, t):
     return indices
 
 
-def load(dcfg, tokenizer, max_length):
-    """(train Sequences, validation Sequences or None) for the data section of the config."""
+def load(dcfg, tokenizer, max_length, preference=False):
+    """(train Sequences, validation Sequences or None) for the data section of the config; preference: the files
+    hold preference pairs (a pair a sequence, no validation)."""
     corpus = token_cache(dcfg.files, tokenizer, dcfg.cache_dir, dcfg.loss_on)
+    if preference:
+        train = pairs(corpus, max_length)
+        log(f"data: {len(train)} preference pairs, {int(corpus.ends[-1])} tokens (no validation: DPO's progress "
+            "is in rewards/accuracies and rewards/margins)")
+        return train, None
     n_docs = len(corpus.ends)
     n_val = 0 if dcfg.val_files else held_out(corpus.ends, dcfg.val_fraction, dcfg.val_max_tokens)
     if n_val == n_docs:
@@ -126,7 +153,7 @@ def load(dcfg, tokenizer, max_length):
     fill = f", {train.lengths.sum() / (len(train) * max_length):.0%} full" if dcfg.packing else ""
     log(f"data: {int(corpus.ends[-1])} tokens in {n_docs} documents -> {len(train)} "
         f"{'packed blocks' if dcfg.packing else 'samples'} of <= {max_length} tokens{fill} "
-        f"({int(train.targets.sum())} target tokens)" + (f"; validation: {len(val)} sequences" if val else ""))
+        f"({int(train.scored.sum())} target tokens)" + (f"; validation: {len(val)} sequences" if val else ""))
     return train, val
 
 

@@ -5,6 +5,10 @@ becomes with the mask of those that are trained on (targets).
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}   a conversation
     {"prompt": "...", "completion": "..."}                          an instruction and its answer
     {"instruction": "...", "input": "...", "output": "..."}         Alpaca: read as prompt/completion
+    {"prompt": [messages], "completion": [messages]}                TRL's conversational prompt/completion:
+                                                                    trained on the completion's turns
+    {"prompt": ..., "chosen": ..., "rejected": ...}                 a preference pair (DPO, PREFERENCE.py):
+        strings, or lists of messages; or chosen and rejected as whole conversations sharing their first turns
 
 Conversations are rendered with the tokenizer's own chat template (INFER.py --chat renders the same
 tokens). The assistant's spans are found by rendering growing prefixes of the conversation and comparing
@@ -15,7 +19,7 @@ from CONFIG import UserError, first_line, log
 
 ROLES = ("system", "user", "assistant")
 # loss_on when data.loss_on is not set: it follows the data
-DEFAULT_LOSS_ON = {"text": "all", "messages": "assistant", "prompt": "completion"}
+DEFAULT_LOSS_ON = {"text": "all", "messages": "assistant", "prompt": "completion", "preference": "completion"}
 # ChatML, as TRL's setup_chat_format writes it; a scratch tokenizer gets its markers as special tokens
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -23,11 +27,17 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 
 
 def parse(obj, where):
-    """One .jsonl object -> (kind, sample): kind is text, messages or prompt. Raises UserError naming `where`."""
+    """One .jsonl object -> (kind, sample): kind is text, messages, prompt or preference. Raises UserError naming
+    `where`."""
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object like {{\"text\": \"…\"}}, got a {type(obj).__name__}")
     if "messages" in obj:
         return "messages", {"messages": check_messages(obj["messages"], where)}
+    if "chosen" in obj or "rejected" in obj:
+        return "preference", preference(obj, where)
+    if isinstance(obj.get("prompt"), list):  # TRL's conversational form: a conversation, trained after the prompt
+        prompt, completion = turns(obj, "prompt", where), turns(obj, "completion", where)
+        return "messages", {"messages": check_messages(prompt + completion, where), "prompt_turns": len(prompt)}
     if "prompt" in obj or "completion" in obj:
         return "prompt", {"prompt": string(obj, "prompt", where), "completion": string(obj, "completion", where)}
     if "instruction" in obj or "output" in obj:
@@ -49,9 +59,46 @@ def string(obj, key, where):
     return obj[key]
 
 
-def check_messages(messages, where):
+def preference(obj, where):
+    """A preference pair: {"prompt", "chosen", "rejected"} of strings or of message lists, or (implicit) chosen
+    and rejected as whole conversations whose shared first turns are the prompt."""
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise UserError(f"{where}: no \"{key}\" field - a preference pair needs \"prompt\", \"chosen\" and "
+                            "\"rejected\" (or chosen and rejected as whole conversations)")
+    if isinstance(obj.get("prompt"), str):
+        prompt, chosen, rejected = (string(obj, key, where) for key in ("prompt", "chosen", "rejected"))
+    elif "prompt" in obj:
+        prompt, chosen, rejected = (turns(obj, key, where) for key in ("prompt", "chosen", "rejected"))
+    else:
+        chosen, rejected = turns(obj, "chosen", where), turns(obj, "rejected", where)
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    if not prompt:
+        raise UserError(f"{where}: the prompt has no turns - give a \"prompt\", or chosen and rejected "
+                        "conversations that begin with the same messages")
+    if chosen == rejected:
+        raise UserError(f"{where}: \"chosen\" and \"rejected\" are the same - a pair must prefer one answer to another")
+    if isinstance(chosen, list) and not all(m["role"] == "assistant" for m in chosen + rejected if m) or not chosen \
+            or not rejected:
+        raise UserError(f"{where}: the chosen and rejected answers must be assistant messages after the prompt")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def turns(obj, key, where):
+    """obj[key] as a checked, non-empty list of messages."""
+    value = obj.get(key)
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: \"{key}\" must be a string or a non-empty list of {{\"role\": …, \"content\": …}}"
+                        " objects")
+    return check_messages(value, where, key=key, need_assistant=False)
+
+
+def check_messages(messages, where, key="messages", need_assistant=True):
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: \"messages\" must be a non-empty list of {{\"role\": …, \"content\": …}} objects")
+        raise UserError(f"{where}: \"{key}\" must be a non-empty list of {{\"role\": …, \"content\": …}} objects")
     out = []
     for i, m in enumerate(messages, 1):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
@@ -59,16 +106,15 @@ def check_messages(messages, where):
         if m.get("role") not in ROLES:
             raise UserError(f"{where}: message {i} has role {m.get('role')!r} - use one of {', '.join(ROLES)}")
         out.append({"role": m["role"], "content": m["content"]})  # other keys are ignored
-    if not any(m["role"] == "assistant" for m in out):
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise UserError(f"{where}: the conversation has no assistant message - there is nothing to train on")
     return out
 
 
 def texts_of(sample):
     """The plain strings of a sample (to train a tokenizer on)."""
-    if "messages" in sample:
-        return [m["content"] for m in sample["messages"]]
-    return [sample["text"]] if "text" in sample else [sample["prompt"], sample["completion"]]
+    return [text for v in sample.values() if isinstance(v, (str, list))
+            for text in ([v] if isinstance(v, str) else [m["content"] for m in v])]
 
 
 def with_template(tokenizer):
@@ -88,14 +134,14 @@ def template(tokenizer, messages, where, generation_prompt=False):
         raise UserError(f"{where}: the chat template refused this conversation ({first_line(e, 120)})")
 
 
-def assistant_spans(tokenizer, messages, where, last_only):
-    """The rendered conversation and the character ranges of its assistant turns: each from where the
-    generation prompt ends to the end of the turn's rendering, end-of-turn marker included (trailing
-    whitespace after it is not a target)."""
+def assistant_spans(tokenizer, messages, where, last_only, first=0):
+    """The rendered conversation and the character ranges of its assistant turns (from message `first` on):
+    each from where the generation prompt ends to the end of the turn's rendering, end-of-turn marker included
+    (trailing whitespace after it is not a target)."""
     full = template(tokenizer, messages, where)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first:
             continue
         before = template(tokenizer, messages[:i], where, generation_prompt=True)
         through = template(tokenizer, messages[:i + 1], where).rstrip()
@@ -118,14 +164,26 @@ def pieces(sample, kind, tokenizer, loss_on, where):
                                           {"role": "assistant", "content": sample["completion"]}]
     if loss_on == "all":
         return [(template(tokenizer, messages, where), False, True)], False
-    full, spans = assistant_spans(tokenizer, messages, where, last_only=loss_on == "last_assistant")
+    full, spans = assistant_spans(tokenizer, messages, where, last_only=loss_on == "last_assistant",
+                                  first=sample.get("prompt_turns", 0))
     return [(full, False, spans)], False
 
 
+def answers(sample):
+    """A preference pair as the two samples it trains on, chosen then rejected: (kind, sample) each."""
+    prompt = sample["prompt"]
+    if isinstance(prompt, str):
+        return [("prompt", {"prompt": prompt, "completion": sample[k]}) for k in ("chosen", "rejected")]
+    return [("messages", {"messages": prompt + sample[k], "prompt_turns": len(prompt)}) for k in ("chosen", "rejected")]
+
+
 def encode(samples, tokenizer, loss_on=None):
-    """[(ids, mask, target bytes)] for [(kind, sample, where)]: mask[i] = 1 where token i is a target (the
+    """[(ids, mask, target bytes)] for [(kind, sample, where)] (a preference pair gives two: chosen, then
+    rejected): mask[i] = 1 where token i is a target (the
     first token of a sample, having nothing before it, never is); target bytes count the UTF-8 bytes of the
     target characters, for bits per byte. Texts are tokenized in a few batched calls (all cores)."""
+    samples = [(k, s, where) for kind, sample, where in samples
+               for k, s in (answers(sample) if kind == "preference" else [(kind, sample)])]  # a pair: two documents
     planned = [pieces(s, kind, tokenizer, loss_on or DEFAULT_LOSS_ON[kind], where) for kind, s, where in samples]
     flat = [p for parts, _ in planned for p in parts]
     encoded = [None] * len(flat)

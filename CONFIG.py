@@ -92,7 +92,7 @@ class TrainingCfg:
     batch_size: int = opt(8, "sequences per micro-batch", min=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", min=1)
     learning_rate: Optional[float] = opt(None, "peak learning rate; default by purpose: 1e-3 from scratch, 5e-5 full "
-                                         "fine-tune, 2e-4 LoRA", above=0)
+                                         "fine-tune, 2e-4 LoRA, 1e-6 DPO, 5e-6 DPO with LoRA", above=0)
     min_lr_ratio: float = opt(0.1, "cosine decay ends at learning_rate * min_lr_ratio", min=0, at_most=1)
     warmup_steps: float = opt(0.05, "linear warmup: a number of steps, or below 1 a fraction of the run", min=0)
     weight_decay: float = opt(0.1, "AdamW decay of matrices (dim >= 2); biases and norms are not decayed", min=0)
@@ -117,6 +117,10 @@ class TrainingCfg:
     compile: bool = opt(False, "torch.compile the model (falls back to eager, with a warning, where it cannot)")
     chunked_loss: bool = opt(True, "compute the loss chunk by chunk, never the full logits (LOSS.py; the "
                              "model's own loss where that is not equivalent); --no-chunked-loss: the model's own")
+    dpo: bool = opt(False, "preference tuning (DPO) on prompt/chosen/rejected pairs instead of supervised "
+                    "fine-tuning; the reference is the starting model (PREFERENCE.py)")
+    dpo_beta: float = opt(0.1, "DPO's beta: how far the tuned model may move from the reference (TRL's default)",
+                          above=0)
     recompute: Literal["cheap", "all", "none"] = opt(
         "cheap", "what backward recomputes instead of keeping (RECOMPUTE.py): cheap = element-wise results, matmul "
         "and attention outputs kept (the same gradients, less memory, little time); all = whole layers "
@@ -203,7 +207,10 @@ class Config:
 # Fine-tunes train one sample per document, as TRL, litgpt and axolotl do; pretraining packs.
 PURPOSE_DEFAULTS = {"from scratch": {"training.learning_rate": 1e-3, "data.packing": True, "model.dropout": 0.0},
                     "full fine-tune": {"training.learning_rate": 5e-5, "data.packing": False},
-                    "LoRA fine-tune": {"training.learning_rate": 2e-4, "data.packing": False}}
+                    "LoRA fine-tune": {"training.learning_rate": 2e-4, "data.packing": False},
+                    # DPO: TRL's DPOConfig default (1e-6) for a full model; its LoRA example's 5e-6 with an adapter
+                    "DPO": {"training.learning_rate": 1e-6, "data.packing": False},
+                    "DPO with LoRA": {"training.learning_rate": 5e-6, "data.packing": False}}
 # training.max_length defaults to the model's context, but at most this: the fp32 logits of one micro-batch
 # (batch x length x vocab) dominate activation memory (8 x 1024 x 49k vocab = 1.6 GB per copy); run_clm's
 # block_size and TRL's max_length default to 1024 too.
@@ -213,6 +220,8 @@ MAX_LENGTH_CAP = 1024
 def purpose(cfg):
     if cfg.model.from_scratch:
         return "from scratch"
+    if cfg.training.dpo:
+        return "DPO with LoRA" if cfg.lora.enabled else "DPO"
     return "LoRA fine-tune" if cfg.lora.enabled else "full fine-tune"
 
 

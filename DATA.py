@@ -2,8 +2,8 @@
 tokenized once into memory-mapped arrays with their target mask. BATCHES.py cuts the cache into batches.
 
 .txt   one plain-text sample per non-empty line
-.jsonl one JSON object per line: {"text"}, {"messages"}, {"prompt", "completion"} or Alpaca (CHAT.py); the
-       first sample of a file sets its kind
+.jsonl one JSON object per line: {"text"}, {"messages"}, {"prompt", "completion"}, Alpaca or preference
+       pairs {"prompt", "chosen", "rejected"} (CHAT.py); the first sample of a file sets its kind
 """
 import dataclasses
 import hashlib
@@ -160,7 +160,7 @@ def write_cache(tmp, paths, tokenizer, loss_on, chunk):
         for p in paths:
             for sample in read_samples(p):
                 buf.append(sample)
-                counts[p] += 1
+                counts[p] += 2 if sample[0] == "preference" else 1  # documents: a pair's two answers
                 if len(buf) == chunk:
                     flush()
         if buf:

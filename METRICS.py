@@ -13,15 +13,17 @@ from tqdm import tqdm
 
 import CONFIG
 import LOSS
+import PREFERENCE
 from CHECKPOINT import CONFIG_FILE
 from CONFIG import log
 
 
 @dataclasses.dataclass
 class Window:
-    """What is summed between two log lines: the loss (a device tensor, so no host sync per step), the tokens,
-    the steps and the seconds spent in them (validation and checkpoints are not counted)."""
-    loss: torch.Tensor
+    """What is summed between two log lines: the loss and the objective's statistics (Log.names; a device tensor,
+    so no host sync per step), the tokens, the steps and the seconds spent in them (validation and checkpoints
+    are not counted)."""
+    sums: torch.Tensor  # (len(Log.names),)
     tokens: int = 0
     steps: int = 0
     seconds: float = 0.0
@@ -34,6 +36,7 @@ class Log:
     metrics: object            # OUT/metrics.jsonl open for appending, or None on ranks other than 0
     window: Window
     started: float             # time.perf_counter() at the start
+    names: tuple = ("loss",)   # what Window.sums holds: the loss, then e.g. DPO's rewards/…
     val_seconds: float = 0.0
 
 
@@ -57,10 +60,11 @@ def open_log(cfg, run, total_steps, step, resumed):
     """The run's Log from `step` of total_steps. Rank 0 writes the resolved config to OUT and opens
     OUT/metrics.jsonl, dropping a resumed run's rows after `step` (those steps are about to run again)."""
     out = cfg.output.dir
+    names = ("loss",) + (PREFERENCE.STAT_NAMES if cfg.training.dpo else ())
     bar = tqdm(total=total_steps, initial=step, file=sys.stderr, dynamic_ncols=True,
                disable=None if run.master else True)  # None: off where stderr is not a terminal
     if not run.master:
-        return Log(bar, None, Window(torch.zeros((), device=run.device)), time.perf_counter())
+        return Log(bar, None, Window(torch.zeros(len(names), device=run.device)), time.perf_counter(), names=names)
     if resumed and os.path.exists(os.path.join(out, "metrics.jsonl")):
         with open(os.path.join(out, "metrics.jsonl")) as fh:
             rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
@@ -68,14 +72,15 @@ def open_log(cfg, run, total_steps, step, resumed):
             fh.writelines(rows)
     with open(os.path.join(out, CONFIG_FILE), "w") as fh:
         fh.write(CONFIG.dump(cfg))
-    return Log(bar, open(os.path.join(out, "metrics.jsonl"), "a"), Window(torch.zeros((), device=run.device)),
-               time.perf_counter())
+    return Log(bar, open(os.path.join(out, "metrics.jsonl"), "a"), Window(torch.zeros(len(names), device=run.device)),
+               time.perf_counter(), names=names)
 
 
-def tally(run_log, loss, tokens, seconds):
-    """One optimizer step done: its loss, tokens and seconds go into the window, and the bar moves on."""
+def tally(run_log, sums, tokens, seconds):
+    """One optimizer step done: its loss and statistics (Log.names), tokens and seconds go into the window, and
+    the bar moves on."""
     w = run_log.window
-    w.loss, w.tokens, w.steps, w.seconds = w.loss + loss, w.tokens + tokens, w.steps + 1, w.seconds + seconds
+    w.sums, w.tokens, w.steps, w.seconds = w.sums + sums, w.tokens + tokens, w.steps + 1, w.seconds + seconds
     run_log.bar.update(1)
 
 
@@ -86,21 +91,24 @@ def write_row(run_log, row):
 
 
 def log_step(run_log, run, progress, lr, norm):
-    """One metrics row: the mean token loss, lr, gradient norm and tokens/s since the last one (collective)."""
+    """One metrics row: the mean loss (and statistics), lr, gradient norm and tokens/s since the last one
+    (collective)."""
     window = run_log.window
-    run_log.window = Window(torch.zeros((), device=run.device))
+    run_log.window = Window(torch.zeros(len(run_log.names), device=run.device))
     if run.world > 1:
-        dist.all_reduce(window.loss)  # each rank holds its share of the mean token loss
-    row = {"step": progress.step, "loss": window.loss.item() / window.steps / run.world, "lr": lr,
-           "grad_norm": norm.item(), "tokens_per_s": window.tokens / max(window.seconds, 1e-9),
-           "skipped_steps": progress.bad_steps}
+        dist.all_reduce(window.sums)  # each rank holds its share of the means
+    means = (window.sums / window.steps / run.world).tolist()
+    row = {"step": progress.step, **dict(zip(run_log.names, means)), "lr": lr, "grad_norm": norm.item(),
+           "tokens_per_s": window.tokens / max(window.seconds, 1e-9), "skipped_steps": progress.bad_steps}
     if run.device.type == "cuda":  # peak GPU memory so far, against params + grads + AdamW state
         row["max_memory_gb"] = torch.cuda.max_memory_allocated(run.device) / 1e9
     write_row(run_log, row)
-    run_log.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+    accuracy = {"acc": f"{row['rewards/accuracies']:.2f}"} if "rewards/accuracies" in row else {}
+    run_log.bar.set_postfix(loss=f"{row['loss']:.3f}", **accuracy, lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
     if run_log.bar.disable and run.master:  # no terminal (a log file, CI): a plain line instead of the bar
-        log(f"step {progress.step}/{run_log.bar.total} loss {row['loss']:.4f} lr {lr:.2e} "
-            f"{row['tokens_per_s']:.0f} tok/s")
+        log(f"step {progress.step}/{run_log.bar.total} loss {row['loss']:.4f}"
+            + "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("rewards/"))
+            + f" lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s")
 
 
 def log_validation(run_log, step, val_loss, n_sequences, seconds):

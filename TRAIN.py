@@ -27,6 +27,7 @@ import EVAL
 import LOSS
 import METRICS
 import MODEL
+import PREFERENCE
 import RECOMPUTE
 import TOKENIZER
 from CHAT import with_template
@@ -63,7 +64,9 @@ def setup(cfg, run):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     DATA.check_files(files)
-    chat = "messages" in DATA.check_loss_on(files, cfg.data.loss_on).values()
+    kinds = DATA.check_loss_on(files, cfg.data.loss_on)
+    PREFERENCE.check_data(kinds, t.dpo, cfg.model.from_scratch)
+    chat = bool({"messages", "preference"} & set(kinds.values()))  # the tokenizer needs a chat template
     resume = CHECKPOINT.resume_path(cfg)
     tokenizer, model = checkpoint_model(cfg, run, resume) if resume else new_model(cfg, run, chat)
     model = model if getattr(model, "hf_quantizer", None) else model.to(run.device)  # a 4-bit base is on its GPU
@@ -74,9 +77,10 @@ def setup(cfg, run):
     changed = CHECKPOINT.changed_settings(resume, cfg) if resume else []
     if changed:
         log(f"note: resuming with settings that differ from the checkpoint's: {'; '.join(changed)}")
-    if cfg.data.packing and not MODEL.keeps_documents_apart(model, run.device):
-        raise UserError(f"data.packing: {model.config.model_type} lets packed documents attend to each other (it "
-                        "ignores restarting position ids) - use --no-packing")
+    if (cfg.data.packing or cfg.training.dpo) and not MODEL.keeps_documents_apart(model, run.device):
+        what = "training.dpo" if cfg.training.dpo else "data.packing"  # a DPO pair is packed: chosen, then rejected
+        raise UserError(f"{what}: {model.config.model_type} lets packed documents attend to each other (it "
+                        "ignores restarting position ids)" + ("" if cfg.training.dpo else " - use --no-packing"))
     return cfg, tokenizer, model, resume
 
 
@@ -118,7 +122,14 @@ def micro_batches(data, idx, t, run, pad_id):
     list on every rank) is cut into t.grad_accum micro-steps of world x batch_size sequences."""
     shares = [idx[(m * run.world + run.rank) * t.batch_size:][:t.batch_size] for m in range(t.grad_accum)]
     batches = [BATCHES.collate(BATCHES.gather(data, share), pad_id) for share in shares]
+    if data.reference is not None:  # DPO: the reference log-probabilities of each row's pair
+        batches = [b | {"reference": torch.from_numpy(data.reference[share])} for b, share in zip(batches, shares)]
     return [{k: v.to(run.device, non_blocking=True) for k, v in batch.items()} for batch in batches]
+
+
+def supervised(model, batch, n):
+    """SFT's micro-step loss: Σ of its token NLLs / n (the global batch's target tokens, per rank); no statistics."""
+    return model(**batch, num_items_in_batch=n, use_cache=False).loss, torch.zeros(0, device=n.device)
 
 
 def clip_gradients(model, max_norm):
@@ -155,9 +166,12 @@ def train(cfg):
     run = DISTRIBUTED.init(cfg.model)  # rank, world, device and precision: built once, passed as one value
     cfg, tokenizer, raw_model, resume = setup(cfg, run)
     t, pad = cfg.training, tokenizer.pad_token_id
-    data, val = DISTRIBUTED.rank0_first(run, lambda: BATCHES.load(cfg.data, tokenizer, t.max_length))
+    data, val = DISTRIBUTED.rank0_first(run, lambda: BATCHES.load(cfg.data, tokenizer, t.max_length, t.dpo))
     val_idx = BATCHES.validation_subset(val, t)
-    if t.chunked_loss:  # before wrapping, so that DDP, FSDP and compile see the swap
+    if t.dpo:  # the reference is the model as it starts: its log-probabilities, computed once (rank 0 first)
+        data = DISTRIBUTED.rank0_first(run, lambda: PREFERENCE.with_reference(cfg, run, raw_model, data, pad, resume))
+    objective = PREFERENCE.objective(t.dpo_beta) if t.dpo else supervised  # (model, batch, n) -> loss, statistics
+    if t.chunked_loss and not t.dpo:  # before wrapping, so that DDP, FSDP and compile see the swap
         LOSS.use_chunked(raw_model, run.device)
     log(RECOMPUTE.apply(raw_model, t.recompute))  # before wrapping too: each decoder layer's own call changes
     torch._dynamo.config.suppress_errors = t.compile  # where it cannot compile: eager, with a warning
@@ -199,14 +213,14 @@ def train(cfg):
         idx = BATCHES.sample_indices(progress.position, global_batch, len(data), t.seed)  # the same on all ranks
         # each micro-batch's loss is its token NLL sum over the global batch's target tokens, so accumulation
         # and ranks equal one big batch (DDP averages gradients over ranks: the count is divided by world)
-        n_targets = torch.tensor(max(1, int(data.targets[idx].sum())) / run.world, device=run.device)
-        step_loss = torch.zeros((), device=run.device)
+        n_targets = torch.tensor(max(1, int(data.scored[idx].sum())) / run.world, device=run.device)
+        step_sums = torch.zeros(len(metrics.names), device=run.device)  # the loss, then the objective's statistics
         for micro_step, batch in enumerate(micro_batches(data, idx, t, run, pad)):
             sync_grads(micro_step == t.grad_accum - 1)  # all-reduce once, on the last micro-step
             with run.autocast:
-                loss = model(**batch, num_items_in_batch=n_targets, use_cache=False).loss
+                loss, stats = objective(model, batch, n_targets)
             run.scaler.scale(loss).backward()
-            step_loss += loss.detach()
+            step_sums += torch.cat([loss.detach()[None], stats.detach()])
         run.scaler.unscale_(optimizer)
         norm = clip_gradients(raw_model, t.grad_clip)
         # one host sync per step, the same on all ranks (synced gradients); the fp16 scaler skips a non-finite
@@ -218,7 +232,7 @@ def train(cfg):
         optimizer.zero_grad(set_to_none=True)
         progress.step, progress.position = progress.step + 1, progress.position + global_batch
         progress.bad_steps = progress.bad_steps + 1 if bad else 0
-        METRICS.tally(metrics, step_loss, int(data.lengths[idx].sum()), time.perf_counter() - t0)
+        METRICS.tally(metrics, step_sums, int(data.lengths[idx].sum()), time.perf_counter() - t0)
         signum = stop()
         last = progress.step == total_steps or signum > 0 or progress.bad_steps >= t.max_bad_steps
         if due(progress.step, t.log_every, last):

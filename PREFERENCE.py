@@ -1,0 +1,130 @@
+"""Preference tuning (DPO, --dpo): pairs of answers to one prompt, the loss, and the reference log-probabilities.
+
+A pair is one training sequence of two segments, the chosen answer's conversation and then the rejected one's,
+each seeing only itself (position ids restart, as packed documents do), so a pair goes through the model in one
+forward. The loss is DPO's sigmoid loss (Rafailov et al., 2023; TRL's loss_type "sigmoid"):
+
+    -log σ(β · ((log π(chosen) - log π_ref(chosen)) - (log π(rejected) - log π_ref(rejected))))
+
+over the summed log-probabilities of each answer's target tokens (the mask SFT trains on). The reference
+model's log-probabilities are computed once, in one pass before training (eval mode, no gradients; with LoRA
+by the base with the adapter disabled), and cached beside the token cache, so the reference never takes a
+second copy of the model in memory and a resumed or repeated run reads them back.
+"""
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import BATCHES
+from ATOMIC import replacing
+from CONFIG import UserError, log
+
+
+def answer_logps(logits, labels, position_ids):
+    """(B, 2): the summed log-probabilities of the chosen and rejected answers' targets in each row.
+    logits (B, T, V) predict labels (B, T) shifted by one; a row's first segment (positions restart at 0) is
+    the chosen answer's, its second the rejected one's, the rest padding."""
+    y = labels[:, 1:]
+    logits = logits[:, :-1].float()
+    token = logits.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (B, T-1)
+    token = token.masked_fill(y == -100, 0.0)
+    segment = (position_ids == 0).cumsum(1)[:, 1:]  # 1: chosen, 2: rejected, 3+: padding
+    return torch.stack([(token * (segment == 1)).sum(1), (token * (segment == 2)).sum(1)], dim=1)
+
+
+def dpo_loss(policy, reference, beta):
+    """-> (per-pair losses (B,), the implicit rewards β (log π - log π_ref) of chosen and rejected, each (B,))"""
+    rewards = beta * (policy - reference.to(policy.dtype))
+    return -F.logsigmoid(rewards[:, 0] - rewards[:, 1]), rewards[:, 0].detach(), rewards[:, 1].detach()
+
+
+def objective(beta):
+    """The micro-step's loss for DPO: Σ of its pairs' losses / n (the global batch's pairs, per rank), and its
+    share of TRL's reward statistics (STAT_NAMES: sums over its pairs / n, so the ranks' shares add up)."""
+    def loss(model, batch, n):
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        losses, chosen, rejected = dpo_loss(answer_logps(logits, batch["labels"], batch["position_ids"]),
+                                            batch["reference"], beta)
+        stats = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(),
+                             (chosen - rejected).sum()])
+        return losses.sum() / n, stats / n
+    return loss
+
+
+STAT_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
+def check_data(kinds, dpo, from_scratch):
+    """--dpo trains a pretrained model on preference files only, and preference files need --dpo."""
+    pairs = [p for p, kind in kinds.items() if kind == "preference"]
+    if dpo and from_scratch:
+        raise UserError("training.dpo: DPO tunes a trained model against itself - pass --model DIR (e.g. a "
+                        "supervised run's output), not --from-scratch")
+    other = next((p for p, kind in kinds.items() if kind != "preference"), None)
+    if dpo and other:
+        raise UserError(f"{other}: holds {kinds[other]} samples, but --dpo trains on preference pairs only "
+                        "({\"prompt\", \"chosen\", \"rejected\"}) - drop the file or train on it without --dpo")
+    if pairs and not dpo:
+        raise UserError(f"{pairs[0]}: holds preference pairs ({{\"prompt\", \"chosen\", \"rejected\"}}) - add --dpo "
+                        "to train on them (DPO), or give supervised data")
+
+
+def with_reference(cfg, run, model, seqs, pad_id, resume):
+    """seqs with the reference log-probabilities of its pairs: from the cache beside the token cache, or
+    computed from `model` as it starts (a resumed full fine-tune has moved away from the reference)."""
+    path = cache_path(cfg, seqs)
+    if resume and not cfg.lora.enabled and not os.path.exists(path):
+        raise UserError(f"{path}: the reference log-probabilities of this DPO run are missing, and the resumed "
+                        "model is no longer the reference - restore the file, or start the run again")
+    reference = reference_logps(model, seqs, run, cfg.training.batch_size, pad_id, path)
+    return dataclasses.replace(seqs, reference=reference)
+
+
+def cache_path(cfg, seqs):
+    """Where the reference log-probabilities of these pairs are kept: beside the token cache, keyed by the pairs'
+    token ranges and tokens, the reference model (its weight files' names, sizes and times) and the precision."""
+    h = hashlib.sha256(seqs.segments.tobytes())
+    h.update(hashlib.sha256(np.asarray(seqs.corpus.tokens).tobytes()).digest())
+    h.update(json.dumps([cfg.model.name, model_files(cfg.model.name), cfg.model.dtype]).encode())
+    return os.path.join(cfg.data.cache_dir, "reference-" + h.hexdigest()[:16] + ".npy")
+
+
+def model_files(path):
+    """[name, size, mtime] of a model directory's weight files (a hub id: nothing more than its name)."""
+    if not os.path.isdir(path):
+        return []
+    return sorted([f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f))]
+                  for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".gguf")))
+
+
+@torch.no_grad()
+def reference_logps(model, seqs, run, batch_size, pad_id, path):
+    """(N, 2) float32: the reference model's answer log-probabilities of every pair, read from `path` or
+    computed (eval mode, the adapter disabled where there is one) and written there."""
+    if os.path.exists(path):
+        log(f"reusing reference log-probabilities {path}")
+        return np.load(path)
+    was_training = model.training
+    model.eval()
+    out = []
+    adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with adapter_off, run.autocast:
+        for start in range(0, len(seqs), batch_size):
+            batch = BATCHES.collate(BATCHES.gather(seqs, range(start, min(start + batch_size, len(seqs)))), pad_id)
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            out.append(answer_logps(logits, batch["labels"], batch["position_ids"]).cpu())
+    model.train(was_training)
+    result = torch.cat(out).numpy().astype(np.float32)
+    if run.master:
+        with replacing(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, result)
+        log(f"reference log-probabilities of {len(result)} pairs -> {path}")
+    return result
