@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import urllib.parse
+import warnings
 
 import torch
 import transformers
@@ -194,7 +195,7 @@ def quantization(lcfg, device):
 
 def add_lora(model, lcfg, base):
     """peft's LoraConfig + get_peft_model; only the adapter parameters are trainable."""
-    p = need("peft", "LoRA")
+    p = peft("LoRA")
     if lcfg.qlora:
         model = p.prepare_model_for_kbit_training(model)
     # peft's all-linear: every linear layer but the output head (GPT-2's c_attn/c_proj/c_fc, llama's
@@ -223,7 +224,7 @@ def load_pretrained(path, dtype, base_model=None, trainable=False, **kw):
         check_source(base)
         model = load_pretrained(base, dtype, **kw)
         try:
-            return need("peft", "a LoRA adapter directory").PeftModel.from_pretrained(model, path,
+            return peft("a LoRA adapter directory").PeftModel.from_pretrained(model, path,
                                                                                        is_trainable=trainable)
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
             raise UserError(f"{path}: could not load the LoRA adapter onto {base} ({first_line(e, 160)})")
@@ -256,6 +257,13 @@ def fuse_activations(model):
     for parent, name in swaps:
         setattr(parent, name, GELUTanh())
     return len(swaps)
+
+
+def peft(feature):
+    """The peft package, for `feature`. peft asks models through transformers' old is_gradient_checkpointing
+    name, which warns on every call: that one warning is dropped."""
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    return need("peft", feature)
 
 
 def no_padding_warning():

@@ -16,7 +16,6 @@ Both go through transformers' activation checkpointing (each GradientCheckpointi
 and torch.compile see one module call as before.
 """
 import functools
-import warnings
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -47,8 +46,6 @@ def apply(model, mode):
     kwargs = {"use_reentrant": False}
     if mode == "cheap":
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
-    # peft still asks the model through transformers' old name, which warns on every call
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     layers = sum(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in model.modules())
     what = ("element-wise results (norms, activations, rotary, casts); matmul and attention outputs kept"
