@@ -81,8 +81,8 @@ def preference(obj, where):
                         "conversations that begin with the same messages")
     if chosen == rejected:
         raise UserError(f"{where}: \"chosen\" and \"rejected\" are the same - a pair must prefer one answer to another")
-    if isinstance(chosen, list) and not all(m["role"] == "assistant" for m in chosen + rejected if m) or not chosen \
-            or not rejected:
+    answers = chosen + rejected if isinstance(chosen, list) else []
+    if not chosen or not rejected or any(m["role"] != "assistant" for m in answers):
         raise UserError(f"{where}: the chosen and rejected answers must be assistant messages after the prompt")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 

@@ -87,10 +87,11 @@ def with_reference(cfg, run, model, seqs, pad_id, resume):
 
 
 def cache_path(cfg, seqs):
-    """Where the reference log-probabilities of these pairs are kept: beside the token cache, keyed by the pairs'
-    token ranges and tokens, the reference model (its weight files' names, sizes and times) and the precision."""
+    """Where the reference log-probabilities of these pairs are kept: beside the token cache, keyed by its folder
+    (itself a key of the files, tokenizer and template: DATA.token_cache), the pairs' token ranges, the reference
+    model (its weight files' names, sizes and times) and the precision."""
     h = hashlib.sha256(seqs.segments.tobytes())
-    h.update(hashlib.sha256(np.asarray(seqs.corpus.tokens).tobytes()).digest())
+    h.update(os.path.basename(os.path.dirname(seqs.corpus.tokens.filename)).encode())
     h.update(json.dumps([cfg.model.name, model_files(cfg.model.name), cfg.model.dtype]).encode())
     return os.path.join(cfg.data.cache_dir, "reference-" + h.hexdigest()[:16] + ".npy")
 
