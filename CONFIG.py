@@ -174,15 +174,18 @@ class EvalCfg:
 
 @dataclass(frozen=True)
 class ExportCfg:
-    format: Literal["onnx", "torchscript", "gguf"] = opt("onnx", "what to write: onnx (onnxruntime), torchscript "
-                                                         "(plain torch) or gguf (llama.cpp)")
-    out: Optional[str] = opt(None, "the file to write (default: the model path + .onnx / .pt / .gguf)",
-                             flag="--out")
-    quant: Literal["f32", "f16", "q8_0"] = opt("f16", "gguf weight type: f32, f16 (llama.cpp's default) or q8_0; "
-                                               "norms, biases and position embeddings stay f32")
+    format: Literal["onnx", "gguf", "pt2", "torchscript"] = opt(
+        "onnx", "what to write: onnx (a folder that generates in onnxruntime), gguf (llama.cpp), pt2 (torch.export) "
+                "or torchscript (deprecated in PyTorch)")
+    out: Optional[str] = opt(None, "the folder (onnx) or file to write (default: the model path + -onnx / "
+                                   "-QUANT.gguf / .pt2 / .pt)", flag="--out")
+    quant: Optional[Literal["f32", "f16", "q8_0", "int8"]] = opt(
+        None, "weight type - onnx: f32 (default) or int8 (matmul weights); gguf: f16 (default, as llama.cpp), f32 "
+              "or q8_0, with norms, biases and position embeddings kept f32")
     overwrite: bool = opt(False, "replace an existing --out file (once the new one is verified)")
-    min_agreement: float = opt(0.99, "gguf f16/q8_0: the share of next-token predictions llama.cpp must pick as "
-                                     "PyTorch does (lower it for small models that quantisation moves more)",
+    min_agreement: float = opt(0.99, "gguf f16/q8_0, onnx int8: the share of next-token predictions the runtime "
+                                     "must pick as PyTorch does (lower it for small models that quantisation moves "
+                                     "more)",
                                min=0, at_most=1)
 
 

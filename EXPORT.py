@@ -1,13 +1,17 @@
 """Export a trained model for another runtime, and prove the file works there before saying so.
 
-    python EXPORT.py --model out --format onnx --out model.onnx          # checked with onnxruntime
-    python EXPORT.py --model out --format torchscript --out model.pt     # checked with torch.jit.load
+    python EXPORT.py --model out --format onnx --out model-onnx          # a folder: generates in onnxruntime
+    python model-onnx/generate.py --prompt "It is a truth"               # ... with onnxruntime alone, no torch
     python EXPORT.py --model out --format gguf --quant q8_0 --out m.gguf # checked in llama.cpp + transformers
+    python EXPORT.py --model out --format pt2 --out model.pt2            # checked with torch.export.load
+    python EXPORT.py --model out --format torchscript --out model.pt     # checked with torch.jit.load
 
-ONNX and TorchScript map (input_ids, attention_mask), both (batch, seq) int64, to logits (batch, seq, vocab),
-with dynamic batch and sequence sizes, checked on several inputs of different lengths with padding.
-GGUF holds the weights and the tokenizer in llama.cpp's layout (gpt2 and llama architectures), checked by
-reading it back with transformers and, when llama-cpp-python is installed, by generating with llama.cpp.
+ONNX is a folder (ONNX.py): model.onnx with a KV cache, the tokenizer, and generate.py (ONNX_RUN.py), checked
+by generating greedily in onnxruntime: the tokens must be INFER.py --greedy's. GGUF holds the weights and the
+tokenizer in llama.cpp's layout (gpt2 and llama architectures), checked by reading it back with transformers and,
+when llama-cpp-python is installed, by generating with llama.cpp. pt2 (torch.export) and TorchScript (deprecated
+in PyTorch, kept for old consumers) map (input_ids, attention_mask), both (batch, seq) int64, to logits
+(batch, seq, vocab) with dynamic sizes, checked on inputs of several lengths with padding in a fresh process.
 A LoRA adapter directory is merged into its base first. A failed check is an error, never a silent success.
 """
 import dataclasses
@@ -19,10 +23,16 @@ import tempfile
 import torch
 
 import CONFIG
-from ATOMIC import fsync, fsync_folder, scratch
+import FLAGS
+from ATOMIC import replacing, scratch
 from CONFIG import UserError, log, need
 from MODEL import load_for_use
 from TOKENIZER import load_tokenizer
+
+
+# the weight types each format offers, its default first; and those checked by agreement rather than equality
+QUANTS = {"onnx": ["f32", "int8"], "gguf": ["f16", "f32", "q8_0"], "pt2": [], "torchscript": []}
+QUANTISED = {("onnx", "int8"), ("gguf", "f16"), ("gguf", "q8_0")}
 
 
 def logits_module(model):
@@ -54,40 +64,40 @@ def masked_max_diff(a, b, mask):
     return float(((a - b).abs().amax(-1) * mask).max())
 
 
-def export_torchscript(module, inputs, path):
-    with torch.no_grad():
-        traced = torch.jit.trace(module, inputs[0], check_trace=False)
-    traced.save(path)
-    # verify in a fresh process, as a user of the file would load it: torch only, no transformers
+def check_in_fresh_process(module, inputs, path, load, how):
+    """Load `path` in a fresh process with torch alone (no transformers), as a user of the file would, with the
+    Python expression `load` (of p, the path) -> the largest logit difference on `inputs`, and how it was checked."""
     with tempfile.TemporaryDirectory() as tmp:
         with torch.no_grad():
             torch.save([(i, m, module(i, m)) for i, m in inputs], os.path.join(tmp, "cases.pt"))
         code = ("import sys, torch\n"
-                "m = torch.jit.load(sys.argv[1])\n"
+                f"p = sys.argv[1]\nm = {load}\n"
                 "cases = torch.load(sys.argv[2], weights_only=True)\n"
                 "print(max(float(((m(i, a) - ref).abs().amax(-1) * a).max()) for i, a, ref in cases))")
         r = subprocess.run([sys.executable, "-c", code, path, os.path.join(tmp, "cases.pt")], capture_output=True,
                            text=True)
     if r.returncode:
-        raise UserError(f"{path}: torch.jit.load in a fresh process failed ({r.stderr.strip().splitlines()[-1]})")
-    return float(r.stdout), 1e-5, "torch.jit.load in a fresh process"
+        raise UserError(f"{path}: {how} failed ({r.stderr.strip().splitlines()[-1]})")
+    return float(r.stdout), 1e-5, how
 
 
-def export_onnx(module, inputs, path):
-    need("onnxscript", "the ONNX export")
-    ort = need("onnxruntime", "the ONNX export")
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+def export_torchscript(module, inputs, path):
+    log("note: TorchScript (torch.jit) is deprecated in PyTorch and transformers 5 no longer supports it; "
+        "--format pt2 (torch.export) is its successor, --format onnx the way to generate outside Python")
     with torch.no_grad():
-        torch.onnx.export(module, inputs[0], path, dynamo=True, input_names=["input_ids", "attention_mask"],
-                          output_names=["logits"], verbose=False,
-                          dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    diffs = []
-    for ids, mask in inputs:
-        got = torch.from_numpy(session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
-        with torch.no_grad():
-            diffs.append(masked_max_diff(got, module(ids, mask), mask))
-    return max(diffs), 1e-4, "onnxruntime (CPUExecutionProvider)"
+        traced = torch.jit.trace(module, inputs[0], check_trace=False)
+    traced.save(path)
+    return check_in_fresh_process(module, inputs, path, "torch.jit.load(p)", "torch.jit.load in a fresh process")
+
+
+def export_pt2(module, inputs, path):
+    any_size = torch.export.Dim.DYNAMIC
+    with torch.no_grad():
+        program = torch.export.export(module, inputs[0], dynamic_shapes={"input_ids": {0: any_size, 1: any_size},
+                                                                         "attention_mask": {0: any_size, 1: any_size}})
+    torch.export.save(program, path)
+    return check_in_fresh_process(module, inputs, path, "torch.export.load(p).module()",
+                                  "torch.export.load in a fresh process")
 
 
 def export(model, tokenizer, cfg, path, stem):
@@ -98,8 +108,16 @@ def export(model, tokenizer, cfg, path, stem):
         import GGUF  # only for this format: it needs the optional gguf package
         GGUF.write(model, tokenizer, path, e.quant, os.path.basename(stem))
         return f"gguf {e.quant}", "; ".join(GGUF.verify(model, tokenizer, path, e.quant, e.min_agreement))
+    if e.format == "onnx":
+        need("onnxscript", "--format onnx")  # torch.onnx.export's dynamo exporter writes with it
+        need("onnxruntime", "--format onnx")
+        import ONNX  # only for this format: it needs onnxruntime
+        os.makedirs(path)
+        ONNX.write(model, tokenizer, path, e.quant)
+        return f"onnx {e.quant} with a KV cache", "; ".join(ONNX.verify(model, tokenizer, path, e.quant,
+                                                                           e.min_agreement))
     module, inputs = logits_module(model), examples(model.config.vocab_size)
-    diff, tolerance, how = {"onnx": export_onnx, "torchscript": export_torchscript}[e.format](module, inputs, path)
+    diff, tolerance, how = {"pt2": export_pt2, "torchscript": export_torchscript}[e.format](module, inputs, path)
     if not diff <= tolerance:
         raise UserError(f"verification failed - {how} differs from PyTorch by {diff:.2e} (allowed {tolerance:.0e})")
     return e.format, (f"{how} on {len(inputs)} inputs of different lengths with padding: max |logit difference| "
@@ -111,12 +129,20 @@ def main(argv):
     if "model.name" not in flags:
         raise UserError("--model is required: a directory written by TRAIN.py (e.g. --model out), or a .gguf")
     e = cfg.export
-    for key in ("export.quant", "export.min_agreement"):
-        if key in flags and e.format != "gguf":
-            flag = "--" + key.removeprefix("export.").replace("_", "-")
-            raise UserError(f"{flag} applies to --format gguf only - drop it, or add --format gguf")
+    if e.quant is not None and e.quant not in QUANTS[e.format]:
+        raise UserError(f"--quant {e.quant} does not apply to --format {e.format} - " + (
+            f"choose one of {', '.join(QUANTS[e.format])}" if QUANTS[e.format] else "drop it"))
+    cfg = FLAGS.replaced(cfg, {"export.quant": e.quant or next(iter(QUANTS[e.format]), None)})
+    e = cfg.export
+    if "export.min_agreement" in flags and (e.format, e.quant) not in QUANTISED:
+        raise UserError("--min-agreement applies to --format gguf --quant f16/q8_0 and --format onnx --quant int8 - "
+                        "drop it, or choose one of those")
     stem = cfg.model.name.rstrip("/").removesuffix(".gguf")
-    path = e.out or stem + {"onnx": ".onnx", "torchscript": ".pt", "gguf": f"-{e.quant}.gguf"}[e.format]
+    path = (e.out or stem + {"onnx": "-onnx" if e.quant == "f32" else f"-onnx-{e.quant}", "pt2": ".pt2",
+                             "torchscript": ".pt", "gguf": f"-{e.quant}.gguf"}[e.format]).rstrip("/")
+    if e.format == "onnx" and path.endswith(".onnx"):
+        raise UserError(f"--out {path}: an ONNX export is a folder (model.onnx, the tokenizer, generate.py) - "
+                        f"name a folder, e.g. --out {path.removesuffix('.onnx')}-onnx")
     if os.path.abspath(path) == os.path.abspath(cfg.model.name):
         raise UserError(f"--out {path}: is the model being exported - write to another file")
     if os.path.exists(path) and not e.overwrite:
@@ -136,11 +162,10 @@ def main(argv):
             kind, checks = export(model, tokenizer, cfg, work, stem)
         except UserError as err:
             raise UserError(f"{path}: {str(err).replace(work, path).removeprefix(path + ': ')} - nothing was written")
-        fsync(tmp)
-        size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
-        for f in os.listdir(tmp):  # the file, plus ONNX's external weights for a model over 2 GB
-            os.replace(os.path.join(tmp, f), os.path.join(parent, f))
-        fsync_folder(parent)
+        files = [os.path.join(work, f) for f in os.listdir(work)] if os.path.isdir(work) else [work]
+        size = sum(map(os.path.getsize, files))
+        with replacing(os.path.abspath(path)) as final:  # a folder (ONNX) replaces its predecessor whole
+            os.rename(work, final)
     log(f"wrote {path} ({size / 1e6:.1f} MB, {kind}); verified: {checks}")
 
 

@@ -84,7 +84,14 @@ CASES = [
      "{t}/fake.gguf: could not load the model"),
     ("export an existing file", "EXPORT.py", ["--model", "{m}", "--format", "gguf", "--out", "{t}/fake.gguf"], None,
      "{t}/fake.gguf: already exists - pass --overwrite"),
-    ("quant for onnx", "EXPORT.py", ["--model", "{m}", "--quant", "q8_0"], None, "--quant applies to --format gguf only"),
+    ("quant for onnx", "EXPORT.py", ["--model", "{m}", "--quant", "q8_0"], None,
+     "--quant q8_0 does not apply to --format onnx - choose one of f32, int8"),
+    ("quant for pt2", "EXPORT.py", ["--model", "{m}", "--format", "pt2", "--quant", "f16"], None,
+     "--quant f16 does not apply to --format pt2 - drop it"),
+    ("agreement for f32", "EXPORT.py", ["--model", "{m}", "--min-agreement", "0.9"], None,
+     "--min-agreement applies to --format gguf --quant f16/q8_0 and --format onnx --quant int8"),
+    ("onnx into a file", "EXPORT.py", ["--model", "{m}", "--out", "{t}/m.onnx"], None,
+     "--out {t}/m.onnx: an ONNX export is a folder (model.onnx, the tokenizer, generate.py) - name a folder"),
 ]
 
 

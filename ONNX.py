@@ -1,0 +1,216 @@
+"""ONNX export with a KV cache (EXPORT.py --format onnx): a folder that generates in onnxruntime alone.
+
+model.onnx is one graph for the prompt and for every new token (onnxruntime-genai's decoder layout):
+    in:  input_ids (batch, new), attention_mask (batch, past + new), position_ids (batch, new), all int64;
+         past_key_values.N.key / .value (batch, kv heads, past, head size) for every layer N (past 0: the prompt)
+    out: logits (batch, new, vocab); present.N.key / .value (batch, kv heads, past + new, head size)
+written by torch.onnx.export (the dynamo exporter) from the transformers model with a DynamicCache, fp32, or with
+int8 matmul weights in blocks of 32 (onnxruntime's MatMulNBits). Beside it: the tokenizer, generation.json and
+generate.py (a copy of ONNX_RUN.py). Checked before it is kept: tokenization equal to the model's tokenizer, logits
+equal to PyTorch's on padded batches, and 32 greedy tokens after each of several prompts equal to
+INFER.py --greedy's (int8: at least --min-agreement of next-token choices).
+"""
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+import ONNX_RUN
+from CONFIG import InferCfg, UserError, log
+from GENERATE import Options, Row, chat_ids, generate, stops_and_eos
+from MODEL import context_length
+
+PROMPTS = ["It is a truth universally acknowledged", "Once upon a time", "The weather", "She said"]
+NEW_TOKENS = 32
+
+
+class WithCache(torch.nn.Module):
+    """The model as (input_ids, attention_mask, position_ids, past tensors) -> (logits, *present tensors): the
+    cache as flat tensors, [layer 0 key, layer 0 value, layer 1 key, ...], which an ONNX graph can take."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, use_cache=True)
+        return out.logits, *[t for layer in out.cache.layers for t in (layer.keys, layer.values)]
+
+
+def sample_inputs(model, batch=2, new=3, past=4):
+    """Example inputs for the export (a cache of `past` positions, shaped as the model makes it), and their names.
+    Past and new sizes above 1, so the exporter keeps them dynamic: 0 and 1 would be fixed into the graph."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, past + new))
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :past], use_cache=True).cache
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    mask = torch.ones_like(ids)
+    positions = torch.arange(past, past + new).expand(batch, new)
+    names = [f"{k}.{n}.{kv}" for k in ("past_key_values", "present") for n in range(len(cache.layers))
+             for kv in ("key", "value")]
+    return (ids[:, past:], mask, positions, tensors), names
+
+
+def write(model, tokenizer, folder, quant):
+    """folder/model.onnx (+ model.onnx.data: the weights), tokenizer.json, generation.json and generate.py."""
+    inputs, names = sample_inputs(model)
+    layers = len(inputs[3])
+    any_size = torch.export.Dim.DYNAMIC
+    shapes = {"input_ids": {0: any_size, 1: any_size}, "attention_mask": {0: any_size, 1: any_size},
+              "position_ids": {0: any_size, 1: any_size}, "past": [{0: any_size, 2: any_size}] * layers}
+    path = os.path.join(folder, "model.onnx")
+    plain = path if quant == "f32" else os.path.join(folder, "f32", "model.onnx")
+    os.makedirs(os.path.dirname(plain), exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(WithCache(model).eval(), inputs, plain, dynamo=True, dynamic_shapes=shapes, verbose=False,
+                          input_names=["input_ids", "attention_mask", "position_ids", *names[:layers]],
+                          output_names=["logits", *names[layers:]], external_data=True)
+    if quant == "int8":
+        quantize_int8(plain, path)
+        shutil.rmtree(os.path.dirname(plain))
+    tokenizer.save_pretrained(folder)
+    if isinstance(tokenizer.chat_template, str) and not os.path.exists(os.path.join(folder, "chat_template.jinja")):
+        with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
+            f.write(tokenizer.chat_template)
+    _, eos = stops_and_eos(tokenizer, [], False)
+    _, chat_eos = stops_and_eos(tokenizer, [], True)
+    defaults = InferCfg()
+    settings = {"eos": eos, "chat_eos": [e for e in chat_eos if e not in eos], "context": context_length(model.config),
+                "special_tokens": {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
+                "defaults": {k: getattr(defaults, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p")}}
+    with open(os.path.join(folder, "generation.json"), "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=1)
+    shutil.copyfile(ONNX_RUN.__file__, os.path.join(folder, "generate.py"))
+
+
+def quantize_int8(source, path):
+    """Every matmul weight as int8 in blocks of 32 with a scale each (GGUF's q8_0 scheme): onnxruntime's MatMulNBits,
+    whose accuracy level 4 multiplies in int8. Its dynamic quantisation (quantize_dynamic) rounds activations to
+    int8 per tensor, which a language model's outlier features do not survive (SmolLM2-135M: 56% of next-token
+    choices kept, against 97% here)."""
+    import onnx  # only for int8: onnxruntime's quantiser works on onnx's protobuf model
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    graph = onnx.load(source)
+    gemm_as_matmul(graph, onnx.helper)
+    settings = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=8, accuracy_level=4)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # not a line per matmul
+    quantizer = MatMulNBitsQuantizer(graph, algo_config=settings)
+    quantizer.process()
+    quantizer.model.save_model_to_file(path, use_external_data_format=True)
+
+
+def gemm_as_matmul(graph, helper):
+    """GPT-2's Conv1D layers export as Gemm (torch.addmm) and MatMulNBits replaces MatMul only: Gemm(x, W, b) with
+    W a weight and no transposes or scales becomes MatMul(x, W) + b, the same arithmetic."""
+    weights, nodes = {t.name for t in graph.graph.initializer}, []
+    for node in graph.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Gemm" or node.input[1] not in weights or len(node.input) < 3 or \
+                attrs.get("transA", 0) or attrs.get("transB", 0) or attrs.get("alpha", 1) != 1 or attrs.get("beta", 1) != 1:
+            nodes.append(node)
+            continue
+        product = node.output[0] + ".matmul"
+        nodes += [helper.make_node("MatMul", node.input[:2], [product], name=node.name + ".matmul"),
+                  helper.make_node("Add", [product, node.input[2]], list(node.output), name=node.name + ".bias")]
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+
+
+def pytorch_greedy(model, tokenizer, ids, eos):
+    """The tokens INFER.py --greedy generates after `ids` (GENERATE.generate, the same call)."""
+    opts = Options(NEW_TOKENS, dict(do_sample=False), [], eos)
+    return generate(model, tokenizer, [Row(list(ids), opts)])[0].new_ids
+
+
+def prompts(tokenizer, runner_tokenizer, folder, settings):
+    """(label, the runner's token ids, the model tokenizer's ids, end tokens) for each check prompt, and a chat
+    question where the model has a chat template."""
+    out = [(repr(p), ONNX_RUN.prompt_ids(folder, runner_tokenizer, settings, p, False), tokenizer(p)["input_ids"],
+            settings["eos"]) for p in PROMPTS]
+    if tokenizer.chat_template:
+        question = "What is the capital of France?"
+        try:
+            ours = ONNX_RUN.prompt_ids(folder, runner_tokenizer, settings, question, True)
+        except Exception:  # noqa: BLE001 - a template that needs transformers' own additions to jinja2
+            ours = None
+        out.append((f"the chat question {question!r}", ours, chat_ids(tokenizer, [{"role": "user", "content": question}]),
+                    settings["eos"] + settings["chat_eos"]))
+    return out
+
+
+def verify(model, tokenizer, folder, quant, min_agreement):
+    """Check the folder in onnxruntime, as ONNX_RUN.py uses it: -> what was verified, or UserError."""
+    session, runner_tokenizer, settings = ONNX_RUN.load(folder)
+    cases, checks = prompts(tokenizer, runner_tokenizer, folder, settings), []
+    if tokenizer.chat_template and cases[-1][1] != cases[-1][2]:  # the runner's --chat only
+        log("warning: the chat template renders differently outside transformers, so generate.py --chat is off "
+            "for this export (it says so); plain prompts are unaffected")
+        os.remove(os.path.join(folder, "chat_template.jinja"))
+        cases = cases[:-1]
+    for label, ours, theirs, _ in cases:
+        if ours != theirs:
+            raise UserError(f"tokenizer.json alone encodes {label} as {ours[:12]}..., the model's tokenizer as "
+                            f"{theirs[:12]}... - this tokenizer cannot be used without transformers")
+    checks.append("the tokenizer alone encodes as transformers does")
+    if quant == "f32":
+        diff, scale = logits_difference(model, session)
+        if not diff <= 1e-5 * scale:
+            raise UserError(f"onnxruntime's logits differ from PyTorch's by {diff:.2e} (allowed 1e-5 x {scale:.1f})")
+        checks.append(f"onnxruntime's logits on padded batches within {diff:.1e} of PyTorch's (largest {scale:.1f})")
+    same = agree = total = 0
+    for label, ids, _, eos in cases:
+        want = pytorch_greedy(model, tokenizer, ids, eos)
+        got = list(ONNX_RUN.generate(session, ids, NEW_TOKENS, set(eos), ONNX_RUN.greedy))
+        if quant == "f32" and got != want:
+            k = next(i for i, (a, b) in enumerate(zip(got + [None], want + [None])) if a != b)
+            raise UserError(f"greedy generation after {label} differs from INFER.py --greedy's at token {k + 1}: "
+                            f"onnxruntime {got[k:k + 4]}..., PyTorch {want[k:k + 4]}...")
+        same += got == want
+        a, n = next_token_agreement(model, session, ids, want)
+        agree, total = agree + a, total + n
+    if quant == "f32":
+        checks.append(f"greedy generation ({NEW_TOKENS} tokens) identical to INFER.py --greedy's after "
+                      f"{len(cases)}/{len(cases)} prompts")
+    else:
+        if not agree / total >= min_agreement:
+            raise UserError(f"next-token agreement with PyTorch {agree}/{total} = {agree / total:.2%} is below "
+                            f"--min-agreement {min_agreement} - lower it to accept, or export f32")
+        checks.append(f"next-token top-1 agreement with PyTorch {agree}/{total} = {agree / total:.2%}; greedy "
+                      f"generation identical after {same}/{len(cases)} prompts")
+    return checks
+
+
+def logits_difference(model, session):
+    """Largest |logit difference| against PyTorch over real positions of left-padded batches, in the prompt step
+    and in a step after a cache; and the largest |logit|."""
+    g = torch.Generator().manual_seed(0)
+    diff = scale = 0.0
+    for batch, seq in [(1, 5), (2, 9), (3, 17)]:
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+        mask = torch.ones_like(ids)
+        mask[-1, :seq // 3] = 0 if batch > 1 else 1
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        split = seq - 2  # the prompt step, then two tokens with the cache
+        first, past = ONNX_RUN.forward(session, ids[:, :split].numpy(), mask[:, :split].numpy(),
+                                       ONNX_RUN.empty_cache(session, batch))
+        second, _ = ONNX_RUN.forward(session, ids[:, split:].numpy(), mask.numpy(), past)
+        got = torch.from_numpy(np.concatenate([first, second], axis=1))
+        diff = max(diff, float(((got - want).abs().amax(-1) * mask).max()))
+        scale = max(scale, float(want.abs().max()))
+    return diff, scale
+
+
+def next_token_agreement(model, session, prompt, continuation):
+    """(positions where onnxruntime's top-1 is PyTorch's, positions), teacher-forced over prompt + continuation."""
+    ids = torch.tensor([prompt + continuation])
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].argmax(-1)
+    got, _ = ONNX_RUN.forward(session, ids.numpy(), np.ones_like(ids.numpy()), ONNX_RUN.empty_cache(session, 1))
+    return int((torch.from_numpy(got[0]).argmax(-1) == want).sum()), len(want)
