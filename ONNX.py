@@ -86,7 +86,52 @@ def write(model, tokenizer, folder, quant):
                 "defaults": {k: getattr(defaults, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p")}}
     with open(os.path.join(folder, "generation.json"), "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=1)
+    with open(os.path.join(folder, "genai_config.json"), "w", encoding="utf-8") as f:
+        json.dump(genai_config(model.config, inputs[3][0].shape, settings), f, indent=1)
     shutil.copyfile(ONNX_RUN.__file__, os.path.join(folder, "generate.py"))
+
+
+def genai_config(config, cache_shape, settings):
+    """onnxruntime-genai's description of the folder (genai_config.json), so that its og.Model(folder) runs it too.
+    Its "llama" decoder reads the graph by the input and output names given here, which serves gpt2 as well."""
+    text = config.get_text_config()
+    heads = getattr(text, "num_attention_heads", None) or text.n_head
+    decoder = {"filename": "model.onnx", "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+               "head_size": cache_shape[3], "hidden_size": text.hidden_size, "num_attention_heads": heads,
+               "num_hidden_layers": text.num_hidden_layers, "num_key_value_heads": cache_shape[1],
+               "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                          "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+               "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                           "present_value_names": "present.%d.value"}}
+    d = settings["defaults"]
+    return {"model": {"type": text.model_type if text.model_type in ("llama", "mistral", "qwen2") else "llama",
+                      "decoder": decoder, "vocab_size": text.vocab_size, "context_length": settings["context"],
+                      "bos_token_id": text.bos_token_id if text.bos_token_id is not None else settings["eos"][0],
+                      "eos_token_id": settings["eos"] + settings["chat_eos"], "pad_token_id": settings["eos"][0]},
+            "search": {"do_sample": True, "temperature": d["temperature"], "top_k": d["top_k"], "top_p": d["top_p"],
+                       "max_length": settings["context"], "min_length": 0, "num_beams": 1, "num_return_sequences": 1,
+                       "past_present_share_buffer": False, "repetition_penalty": 1.0}}
+
+
+def genai_greedy(folder, cases):
+    """The greedy tokens onnxruntime-genai generates from the folder after each case's prompt ids, or None where it
+    is not installed."""
+    try:
+        import onnxruntime_genai as og  # optional: the check runs where it is installed
+    except ImportError:
+        return None
+    model, out = og.Model(folder), []
+    for _, ids, _, _ in cases:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + NEW_TOKENS)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        new = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            new.append(int(generator.get_next_tokens()[0]))
+        out.append(new)
+    return out, og.__version__
 
 
 def quantize_int8(source, path):
@@ -164,8 +209,10 @@ def verify(model, tokenizer, folder, quant, min_agreement):
             raise UserError(f"onnxruntime's logits differ from PyTorch's by {diff:.2e} (allowed 1e-5 x {scale:.1f})")
         checks.append(f"onnxruntime's logits on padded batches within {diff:.1e} of PyTorch's (largest {scale:.1f})")
     same = agree = total = 0
+    wants = []
     for label, ids, _, eos in cases:
         want = pytorch_greedy(model, tokenizer, ids, eos)
+        wants.append(want)
         got = list(ONNX_RUN.generate(session, ids, NEW_TOKENS, set(eos), ONNX_RUN.greedy))
         if quant == "f32" and got != want:
             k = next(i for i, (a, b) in enumerate(zip(got + [None], want + [None])) if a != b)
@@ -183,7 +230,26 @@ def verify(model, tokenizer, folder, quant, min_agreement):
                             f"--min-agreement {min_agreement} - lower it to accept, or export f32")
         checks.append(f"next-token top-1 agreement with PyTorch {agree}/{total} = {agree / total:.2%}; greedy "
                       f"generation identical after {same}/{len(cases)} prompts")
+    checks.append(check_genai(folder, cases, wants, quant))
     return checks
+
+
+def check_genai(folder, cases, wants, quant):
+    """Where onnxruntime-genai is installed: its greedy tokens from the folder, against PyTorch's (f32: equal)."""
+    genai = genai_greedy(folder, cases)
+    if genai is None:
+        return "onnxruntime-genai check skipped: pip install onnxruntime-genai"
+    outs, version = genai
+    with open(os.path.join(folder, "genai_config.json"), encoding="utf-8") as f:
+        ends = set(json.load(f)["model"]["eos_token_id"])
+
+    def upto_end(tokens):  # genai stops at its config's end tokens, which a chat's end of turn is one of
+        return next((tokens[:i + 1] for i, t in enumerate(tokens) if t in ends), tokens)
+    same = sum(upto_end(o) == upto_end(w) for o, w in zip(outs, wants))
+    if quant == "f32" and same < len(cases):
+        raise UserError(f"onnxruntime-genai {version}'s greedy generation differs from INFER.py --greedy's after "
+                        f"{len(cases) - same}/{len(cases)} prompts")
+    return f"onnxruntime-genai {version}: greedy generation identical after {same}/{len(cases)} prompts"
 
 
 def logits_difference(model, session):

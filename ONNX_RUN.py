@@ -133,6 +133,11 @@ def main(argv):
     p.add_argument("--system", help="system message for --chat")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: one per core)")
     a = p.parse_args(argv)
+    for flag, value, ok in [("--max-new-tokens", a.max_new_tokens, lambda v: v >= 1),
+                            ("--temperature", a.temperature, lambda v: v >= 0), ("--top-k", a.top_k, lambda v: v >= 0),
+                            ("--top-p", a.top_p, lambda v: 0 < v <= 1)]:
+        if value is not None and not ok(value):
+            sys.exit(f"{flag} {value}: out of range - see --help")
     if not os.path.exists(os.path.join(a.model, "model.onnx")):
         sys.exit(f"--model {a.model}: holds no model.onnx - pass a folder written by EXPORT.py --format onnx")
     session, tokenizer, settings = load(a.model, a.threads)
@@ -146,7 +151,10 @@ def main(argv):
     ids = prompt_ids(a.model, tokenizer, settings, text, a.chat, a.system)
     context = settings["context"]
     max_new = min(d["max_new_tokens"] if a.max_new_tokens is None else a.max_new_tokens, context - 1)
-    ids = ids[-(context - max_new):]  # a prompt too long for the context keeps its tail, as INFER.py does
+    if len(ids) > context - max_new:  # keep the prompt's tail, as INFER.py does
+        print(f"warning: a prompt of {len(ids)} tokens is too long; keeping its last {context - max_new} so that "
+              f"{max_new} new tokens fit the model's context of {context}", file=sys.stderr)
+        ids = ids[-(context - max_new):]
     eos = set(settings["eos"] + (settings["chat_eos"] if a.chat else []))
     stream(tokenizer, generate(session, ids, max_new, eos, pick), eos, sys.stdout)
     print(flush=True)

@@ -116,8 +116,8 @@ def test_onnx_export_is_a_folder_verified_by_greedy_generation(onnx_exports, arc
     folder, stderr = onnx_exports[arch]
     assert f"wrote {folder} (" in stderr and "onnx f32 with a KV cache" in stderr
     assert "greedy generation (32 tokens) identical to INFER.py --greedy's after 4/4 prompts" in stderr
-    assert sorted(os.listdir(folder)) == ["generate.py", "generation.json", "model.onnx", "model.onnx.data",
-                                          "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(os.listdir(folder)) == ["genai_config.json", "generate.py", "generation.json", "model.onnx",
+                                          "model.onnx.data", "tokenizer.json", "tokenizer_config.json"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -130,6 +130,34 @@ def test_onnx_runner_without_torch_generates_what_infer_greedy_does(models, onnx
         assert got.stdout == want.stdout, prompt
         texts.append(want.stdout)
     assert len(set("".join(texts))) > 8  # varied text (some ending at EOS), not "eeee..."
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "chat"])
+def test_onnxruntime_genai_runs_the_folder_as_infer_greedy_does(models, chat_model, onnx_exports, name):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    folder, stderr = onnx_exports[name]
+    assert f"onnxruntime-genai {og.__version__}: greedy generation identical after" in stderr
+    source = chat_model if name == "chat" else models[name]
+    model, prompt = og.Model(str(folder)), "It is a truth"
+    tokenizer = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=64)
+    generator = og.Generator(model, params)
+    generator.append_tokens(tokenizer.encode(prompt))
+    while not generator.is_done():
+        generator.generate_next_token()
+    text = tokenizer.decode(generator.get_sequence(0))  # the prompt and the answer, without end tokens
+    want = run("INFER.py", "--model", source, "--prompt", prompt, "--greedy", "--max-new-tokens", "64")
+    assert text.removeprefix(prompt) == want.stdout.removesuffix("\n")[:len(text) - len(prompt)]
+
+
+def test_without_onnxruntime_genai_the_export_says_that_check_was_skipped(models, tmp_path):
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "onnxruntime_genai.py").write_text("raise ModuleNotFoundError('hidden for this test')\n")
+    r = run("EXPORT.py", "--model", models["llama"], "--out", tmp_path / "m", env={"PYTHONPATH": str(tmp_path / "hide")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "onnxruntime-genai check skipped: pip install onnxruntime-genai" in r.stderr
 
 
 def test_onnx_runner_reads_stdin_and_samples_reproducibly(onnx_exports):
