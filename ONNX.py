@@ -5,10 +5,11 @@ model.onnx is one graph for the prompt and for every new token (onnxruntime-gena
          past_key_values.N.key / .value (batch, kv heads, past, head size) for every layer N (past 0: the prompt)
     out: logits (batch, new, vocab); present.N.key / .value (batch, kv heads, past + new, head size)
 written by torch.onnx.export (the dynamo exporter) from the transformers model with a DynamicCache, fp32, or with
-int8 matmul weights in blocks of 32 (onnxruntime's MatMulNBits). Beside it: the tokenizer, generation.json and
-generate.py (a copy of ONNX_RUN.py). Checked before it is kept: tokenization equal to the model's tokenizer, logits
-equal to PyTorch's on padded batches, and 32 greedy tokens after each of several prompts equal to
-INFER.py --greedy's (int8: at least --min-agreement of next-token choices).
+int8 matmul weights in blocks of 32 (onnxruntime's MatMulNBits). Beside it: the tokenizer, generation.json,
+genai_config.json (for onnxruntime-genai) and generate.py (a copy of ONNX_RUN.py). Checked before it is kept:
+tokenization equal to the model's tokenizer, logits equal to PyTorch's on padded batches, and 32 greedy tokens
+after each of several prompts equal to INFER.py --greedy's (int8: at least --min-agreement of next-token choices),
+in onnxruntime and, where it is installed, in onnxruntime-genai.
 """
 import json
 import logging
@@ -58,19 +59,20 @@ def sample_inputs(model, batch=2, new=3, past=4):
 
 
 def write(model, tokenizer, folder, quant):
-    """folder/model.onnx (+ model.onnx.data: the weights), tokenizer.json, generation.json and generate.py."""
+    """folder/model.onnx (+ model.onnx.data: the weights), the tokenizer, generation.json, genai_config.json and
+    generate.py."""
     inputs, names = sample_inputs(model)
-    layers = len(inputs[3])
+    n_past = len(inputs[3])  # a key and a value per layer
     any_size = torch.export.Dim.DYNAMIC
     shapes = {"input_ids": {0: any_size, 1: any_size}, "attention_mask": {0: any_size, 1: any_size},
-              "position_ids": {0: any_size, 1: any_size}, "past": [{0: any_size, 2: any_size}] * layers}
+              "position_ids": {0: any_size, 1: any_size}, "past": [{0: any_size, 2: any_size}] * n_past}
     path = os.path.join(folder, "model.onnx")
     plain = path if quant == "f32" else os.path.join(folder, "f32", "model.onnx")
     os.makedirs(os.path.dirname(plain), exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(WithCache(model).eval(), inputs, plain, dynamo=True, dynamic_shapes=shapes, verbose=False,
-                          input_names=["input_ids", "attention_mask", "position_ids", *names[:layers]],
-                          output_names=["logits", *names[layers:]], external_data=True)
+                          input_names=["input_ids", "attention_mask", "position_ids", *names[:n_past]],
+                          output_names=["logits", *names[n_past:]], external_data=True)
     if quant == "int8":
         quantize_int8(plain, path)
         shutil.rmtree(os.path.dirname(plain))
@@ -78,17 +80,23 @@ def write(model, tokenizer, folder, quant):
     if isinstance(tokenizer.chat_template, str) and not os.path.exists(os.path.join(folder, "chat_template.jinja")):
         with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
             f.write(tokenizer.chat_template)
-    _, eos = stops_and_eos(tokenizer, [], False)
-    _, chat_eos = stops_and_eos(tokenizer, [], True)
-    defaults = InferCfg()
-    settings = {"eos": eos, "chat_eos": [e for e in chat_eos if e not in eos], "context": context_length(model.config),
-                "special_tokens": {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
-                "defaults": {k: getattr(defaults, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p")}}
+    settings = generation_settings(model, tokenizer)
     with open(os.path.join(folder, "generation.json"), "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=1)
     with open(os.path.join(folder, "genai_config.json"), "w", encoding="utf-8") as f:
         json.dump(genai_config(model.config, inputs[3][0].shape, settings), f, indent=1)
     shutil.copyfile(ONNX_RUN.__file__, os.path.join(folder, "generate.py"))
+
+
+def generation_settings(model, tokenizer):
+    """generation.json: what INFER.py generates with, for the runner: end tokens (a chat's end of turn apart), the
+    context, the template's special tokens, and INFER.py's sampling defaults (CONFIG's)."""
+    _, eos = stops_and_eos(tokenizer, [], False)
+    _, chat_eos = stops_and_eos(tokenizer, [], True)
+    defaults = InferCfg()
+    return {"eos": eos, "chat_eos": [e for e in chat_eos if e not in eos], "context": context_length(model.config),
+            "special_tokens": {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
+            "defaults": {k: getattr(defaults, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p")}}
 
 
 def genai_config(config, cache_shape, settings):
@@ -155,9 +163,10 @@ def gemm_as_matmul(graph, helper):
     W a weight and no transposes or scales becomes MatMul(x, W) + b, the same arithmetic."""
     weights, nodes = {t.name for t in graph.graph.initializer}, []
     for node in graph.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type != "Gemm" or node.input[1] not in weights or len(node.input) < 3 or \
-                attrs.get("transA", 0) or attrs.get("transB", 0) or attrs.get("alpha", 1) != 1 or attrs.get("beta", 1) != 1:
+        attrs = {"transA": 0, "transB": 0, "alpha": 1, "beta": 1,
+                 **{a.name: helper.get_attribute_value(a) for a in node.attribute}}
+        plain = (attrs["transA"], attrs["transB"], attrs["alpha"], attrs["beta"]) == (0, 0, 1, 1)
+        if node.op_type != "Gemm" or node.input[1] not in weights or len(node.input) < 3 or not plain:
             nodes.append(node)
             continue
         product = node.output[0] + ".matmul"
@@ -184,15 +193,15 @@ def prompts(tokenizer, runner_tokenizer, folder, settings):
             ours = ONNX_RUN.prompt_ids(folder, runner_tokenizer, settings, question, True)
         except Exception:  # noqa: BLE001 - a template that needs transformers' own additions to jinja2
             ours = None
-        out.append((f"the chat question {question!r}", ours, chat_ids(tokenizer, [{"role": "user", "content": question}]),
-                    settings["eos"] + settings["chat_eos"]))
+        theirs = chat_ids(tokenizer, [{"role": "user", "content": question}])
+        out.append((f"the chat question {question!r}", ours, theirs, settings["eos"] + settings["chat_eos"]))
     return out
 
 
 def verify(model, tokenizer, folder, quant, min_agreement):
     """Check the folder in onnxruntime, as ONNX_RUN.py uses it: -> what was verified, or UserError."""
     session, runner_tokenizer, settings = ONNX_RUN.load(folder)
-    cases, checks = prompts(tokenizer, runner_tokenizer, folder, settings), []
+    cases = prompts(tokenizer, runner_tokenizer, folder, settings)
     if tokenizer.chat_template and cases[-1][1] != cases[-1][2]:  # the runner's --chat only
         log("warning: the chat template renders differently outside transformers, so generate.py --chat is off "
             "for this export (it says so); plain prompts are unaffected")
@@ -202,17 +211,22 @@ def verify(model, tokenizer, folder, quant, min_agreement):
         if ours != theirs:
             raise UserError(f"tokenizer.json alone encodes {label} as {ours[:12]}..., the model's tokenizer as "
                             f"{theirs[:12]}... - this tokenizer cannot be used without transformers")
-    checks.append("the tokenizer alone encodes as transformers does")
+    checks = ["the tokenizer alone encodes as transformers does"]
     if quant == "f32":
         diff, scale = logits_difference(model, session)
         if not diff <= 1e-5 * scale:
             raise UserError(f"onnxruntime's logits differ from PyTorch's by {diff:.2e} (allowed 1e-5 x {scale:.1f})")
         checks.append(f"onnxruntime's logits on padded batches within {diff:.1e} of PyTorch's (largest {scale:.1f})")
+    wants = [pytorch_greedy(model, tokenizer, ids, eos) for _, ids, _, eos in cases]
+    checks.append(check_generation(model, session, cases, wants, quant, min_agreement))
+    return checks + [check_genai(folder, cases, wants, quant)]
+
+
+def check_generation(model, session, cases, wants, quant, min_agreement):
+    """onnxruntime's greedy tokens after each case's prompt against PyTorch's (`wants`): f32 equal, int8 agreeing
+    on at least min_agreement of next-token choices, teacher-forced."""
     same = agree = total = 0
-    wants = []
-    for label, ids, _, eos in cases:
-        want = pytorch_greedy(model, tokenizer, ids, eos)
-        wants.append(want)
+    for (label, ids, _, eos), want in zip(cases, wants):
         got = list(ONNX_RUN.generate(session, ids, NEW_TOKENS, set(eos), ONNX_RUN.greedy))
         if quant == "f32" and got != want:
             k = next(i for i, (a, b) in enumerate(zip(got + [None], want + [None])) if a != b)
@@ -222,16 +236,12 @@ def verify(model, tokenizer, folder, quant, min_agreement):
         a, n = next_token_agreement(model, session, ids, want)
         agree, total = agree + a, total + n
     if quant == "f32":
-        checks.append(f"greedy generation ({NEW_TOKENS} tokens) identical to INFER.py --greedy's after "
-                      f"{len(cases)}/{len(cases)} prompts")
-    else:
-        if not agree / total >= min_agreement:
-            raise UserError(f"next-token agreement with PyTorch {agree}/{total} = {agree / total:.2%} is below "
-                            f"--min-agreement {min_agreement} - lower it to accept, or export f32")
-        checks.append(f"next-token top-1 agreement with PyTorch {agree}/{total} = {agree / total:.2%}; greedy "
-                      f"generation identical after {same}/{len(cases)} prompts")
-    checks.append(check_genai(folder, cases, wants, quant))
-    return checks
+        return f"greedy generation ({NEW_TOKENS} tokens) identical to INFER.py --greedy's after {same}/{same} prompts"
+    if not agree / total >= min_agreement:
+        raise UserError(f"next-token agreement with PyTorch {agree}/{total} = {agree / total:.2%} is below "
+                        f"--min-agreement {min_agreement} - lower it to accept, or export f32")
+    return (f"next-token top-1 agreement with PyTorch {agree}/{total} = {agree / total:.2%}; greedy generation "
+            f"identical after {same}/{len(cases)} prompts")
 
 
 def check_genai(folder, cases, wants, quant):

@@ -7,7 +7,8 @@ Exports DIR with EXPORT.py --format onnx, f32 and int8 (each verified as usual; 
 the table shows its agreement instead of refusing it), then times greedy generation of --new-tokens tokens after
 one prompt, in this process, interleaved, median of --repeats:
   baseline: PyTorch fp32, model.generate(do_sample=False) with the KV cache (what INFER.py --greedy runs);
-  onnxruntime: ONNX_RUN.generate, the loop generate.py runs, the same prompt.
+  onnxruntime: ONNX_RUN.generate, the loop generate.py runs, the same prompt;
+  genai f32: onnxruntime-genai's generator on the f32 folder, where onnxruntime-genai is installed.
 EOS is masked on both sides, so both produce exactly N tokens. Prints tokens/s, the ratio to the baseline, the
 size of the weights, and how many of the N tokens equal PyTorch's.
 """
@@ -62,26 +63,43 @@ def main():
         logits[tok.eos_token_id] = -np.inf
         return int(np.argmax(logits))
 
-    times = {k: [] for k in ["pytorch fp32", *sessions]}
+    try:  # optional: onnxruntime-genai's own loop (C++) on the f32 folder, where it is installed
+        import onnxruntime_genai as og
+        genai = og.Model(os.path.join(tmp, "onnx-f32"))
+    except ImportError:
+        genai = None
+
+    def genai_run():
+        params = og.GeneratorParams(genai)
+        params.set_search_options(do_sample=False, max_length=len(ids) + n, min_length=len(ids) + n)
+        generator = og.Generator(genai, params)
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return list(generator.get_sequence(0))[len(ids):]
+
+    runs = {"pytorch fp32": torch_run, **{q: lambda q=q: list(ONNX_RUN.generate(sessions[q], ids, n, set(), no_eos))
+                                         for q in sessions}, **({"genai f32": genai_run} if genai else {})}
+    times = {k: [] for k in runs}
     outputs = {}
     for _ in range(a.repeats):  # interleaved, so drift in machine load hits every side alike
-        for name in times:
+        for name, fn in runs.items():
             t = time.perf_counter()
-            outputs[name] = torch_run() if name == "pytorch fp32" else \
-                list(ONNX_RUN.generate(sessions[name], ids, n, set(), no_eos))
+            outputs[name] = fn()
             times[name].append(time.perf_counter() - t)
     base = n / statistics.median(times["pytorch fp32"])
     print(f"{a.model}: {sum(x.numel() for x in model.parameters()) / 1e6:.1f}M parameters, prompt {len(ids)} "
           f"tokens, {n} new tokens, median of {a.repeats}, {os.cpu_count()} threads, onnxruntime "
-          f"{onnxruntime.__version__}, torch {torch.__version__}")
+          f"{onnxruntime.__version__}, {f'onnxruntime-genai {og.__version__}, ' if genai else ''}torch "
+          f"{torch.__version__}")
     print(f"{'runtime':<18}{'tokens/s':>10}{'vs PyTorch':>12}{'weights MB':>12}{'same tokens':>14}{'export s':>10}")
     for name, ts in times.items():
         speed = n / statistics.median(ts)
         folder = os.path.join(tmp, f"onnx-{name}")
-        size = "" if name == "pytorch fp32" else \
+        size = "" if name not in sessions else \
             f"{sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if 'onnx' in f) / 1e6:.1f}"
         same = sum(x == y for x, y in zip(outputs[name], outputs["pytorch fp32"]))
-        label = name if name == "pytorch fp32" else f"onnxruntime {name}"
+        label = f"onnxruntime {name}" if name in sessions else name
         made = f"{export_s[name]:.0f}" if name in export_s else ""
         print(f"{label:<18}{speed:>10.0f}{speed / base:>11.2f}x{size:>12}{f'{same}/{n}':>14}{made:>10}")
 

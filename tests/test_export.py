@@ -155,7 +155,8 @@ def test_without_onnxruntime_genai_the_export_says_that_check_was_skipped(models
     pytest.importorskip("onnxruntime")
     (tmp_path / "hide").mkdir()
     (tmp_path / "hide" / "onnxruntime_genai.py").write_text("raise ModuleNotFoundError('hidden for this test')\n")
-    r = run("EXPORT.py", "--model", models["llama"], "--out", tmp_path / "m", env={"PYTHONPATH": str(tmp_path / "hide")})
+    r = run("EXPORT.py", "--model", models["llama"], "--out", tmp_path / "m",
+            env={"PYTHONPATH": str(tmp_path / "hide")})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "onnxruntime-genai check skipped: pip install onnxruntime-genai" in r.stderr
 
