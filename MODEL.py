@@ -124,6 +124,10 @@ def check_source(name, what="model"):
         need("gguf", f"{name}: reading a GGUF file")
         return
     if os.path.isdir(name):
+        if what == "model" and os.path.exists(os.path.join(name, "generate.py")) and \
+                os.path.exists(os.path.join(name, "model.onnx")):
+            raise UserError(f"{name}: is an ONNX export, which runs in onnxruntime - python {name}/generate.py "
+                            "--prompt TEXT (or export from the model directory it came from)")
         if what == "model" and not any(os.path.exists(os.path.join(name, f)) for f in ("config.json", ADAPTER)):
             raise UserError(f"{name}: is not a model directory (no config.json) - pass a directory written by "
                             "TRAIN.py or save_pretrained, or a hub id")

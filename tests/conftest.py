@@ -86,3 +86,27 @@ def serving(model, *flags, log=None):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# Trained models for the export tests. 300 steps give the tiny models real preferences and varied greedy text:
+# after 6, most next-token choices are near-ties that any rounding flips (which would measure the tie-breaking,
+# not the export), and after 60 every prompt continues "eeee..."
+TRAINED = ["--max-steps", "300", "--learning-rate", "3e-3", "--save-every", "0", "--eval-every", "0"]
+LLAMA = ["--model", "llama", "--from-scratch", "--config-overrides",
+         "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
+         "num_key_value_heads: 1, max_position_embeddings: 128}"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny gpt2 and llama trained for TRAINED steps, once per test file: {"gpt2": dir, "llama": dir}."""
+    root = tmp_path_factory.mktemp("export")
+    train(root / "gpt2", *TRAINED)
+    train(root / "llama", *TRAINED, *LLAMA)
+    return {"gpt2": root / "gpt2", "llama": root / "llama"}
+
+
+def load(path):
+    """A saved model, fp32, in eval mode."""
+    from MODEL import load_pretrained
+    return load_pretrained(str(path), torch.float32).eval()
