@@ -23,6 +23,12 @@ from tokenizers import Tokenizer
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+def fail(message):
+    """A mistake in the arguments: one line on stderr and exit code 2, as LLM-MINI's scripts do."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def load(folder, threads=0):
     """(onnxruntime session, tokenizer, generation.json's settings) of an export folder; threads 0 = all cores."""
     options = ort.SessionOptions()
@@ -88,7 +94,7 @@ def chat_prompt(folder, settings, text, system):
     """The prompt rendered with the model's chat template, ready for the assistant's answer (as INFER.py --chat)."""
     path = os.path.join(folder, "chat_template.jinja")
     if not os.path.exists(path):
-        sys.exit(f"--chat: {path} does not exist (the model has no chat template, or it renders differently "
+        fail(f"--chat: {path} does not exist (the model has no chat template, or it renders differently "
                  f"without transformers) - drop --chat")
     from jinja2.sandbox import ImmutableSandboxedEnvironment  # only for --chat
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
@@ -137,9 +143,9 @@ def main(argv):
                             ("--temperature", a.temperature, lambda v: v >= 0), ("--top-k", a.top_k, lambda v: v >= 0),
                             ("--top-p", a.top_p, lambda v: 0 < v <= 1)]:
         if value is not None and not ok(value):
-            sys.exit(f"{flag} {value}: out of range - see --help")
+            fail(f"{flag} {value}: out of range - see --help")
     if not os.path.exists(os.path.join(a.model, "model.onnx")):
-        sys.exit(f"--model {a.model}: holds no model.onnx - pass a folder written by EXPORT.py --format onnx")
+        fail(f"--model {a.model}: holds no model.onnx - pass a folder written by EXPORT.py --format onnx")
     session, tokenizer, settings = load(a.model, a.threads)
     d = settings["defaults"]
     temperature = d["temperature"] if a.temperature is None else a.temperature
@@ -147,7 +153,7 @@ def main(argv):
         temperature, d["top_k"] if a.top_k is None else a.top_k, d["top_p"] if a.top_p is None else a.top_p, a.seed)
     text = a.prompt if a.prompt is not None else sys.stdin.read().removesuffix("\n")  # echo adds one
     if not text.strip():
-        sys.exit("empty prompt - pass --prompt TEXT or pipe text on stdin")
+        fail("empty prompt - pass --prompt TEXT or pipe text on stdin")
     ids = prompt_ids(a.model, tokenizer, settings, text, a.chat, a.system)
     context = settings["context"]
     max_new = min(d["max_new_tokens"] if a.max_new_tokens is None else a.max_new_tokens, context - 1)

@@ -156,7 +156,7 @@ def test_an_onnx_folder_is_replaced_whole_only_with_overwrite(models, onnx_expor
 
 def test_onnx_runner_refuses_a_folder_that_is_not_an_export(tmp_path):
     r = without_torch(os.path.join(ROOT, "ONNX_RUN.py"), "--model", tmp_path, "--prompt", "hi")
-    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"--model {tmp_path}: holds no model.onnx - pass a folder written by EXPORT.py --format onnx" in r.stderr
 
 
