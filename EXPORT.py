@@ -124,6 +124,28 @@ def export(model, tokenizer, cfg, path, stem):
                       f"{diff:.2e} <= {tolerance:.0e}")
 
 
+def out_path(cfg, stem):
+    """Where the export goes (--out, or beside the model), refused where writing there could lose a user's files."""
+    e = cfg.export
+    path = (e.out or stem + {"onnx": "-onnx" if e.quant == "f32" else f"-onnx-{e.quant}", "pt2": ".pt2",
+                             "torchscript": ".pt", "gguf": f"-{e.quant}.gguf"}[e.format]).rstrip("/")
+    if e.format == "onnx" and path.endswith(".onnx"):
+        raise UserError(f"--out {path}: an ONNX export is a folder (model.onnx, the tokenizer, generate.py) - "
+                        f"name a folder, e.g. --out {path.removesuffix('.onnx')}-onnx")
+    target, model = os.path.abspath(path), os.path.abspath(cfg.model.name)
+    if any(inside == target or inside.startswith(target.rstrip(os.sep) + os.sep) for inside in (model, os.getcwd())):
+        raise UserError(f"--out {path}: holds the model being exported or the current folder - write elsewhere")
+    if os.path.exists(path) and not e.overwrite:
+        raise UserError(f"--out {path}: already exists - pass --overwrite to replace it, or choose another --out")
+    if os.path.isdir(path) and not (e.format == "onnx" and os.path.exists(os.path.join(path, "generate.py"))
+                                    and os.path.exists(os.path.join(path, "model.onnx"))):
+        raise UserError(f"--out {path}: is a folder, not an earlier ONNX export, so --overwrite does not replace it "
+                        "- choose another --out")
+    if os.path.isfile(path) and e.format == "onnx":
+        raise UserError(f"--out {path}: is a file, and an ONNX export is a folder - choose another --out")
+    return path
+
+
 def main(argv):
     cfg, flags, _ = CONFIG.load(argv, CONFIG.EXPORT_SECTIONS, description=__doc__, config_default=None)
     if "model.name" not in flags:
@@ -138,18 +160,11 @@ def main(argv):
         raise UserError("--min-agreement applies to --format gguf --quant f16/q8_0 and --format onnx --quant int8 - "
                         "drop it, or choose one of those")
     stem = cfg.model.name.rstrip("/").removesuffix(".gguf")
-    path = (e.out or stem + {"onnx": "-onnx" if e.quant == "f32" else f"-onnx-{e.quant}", "pt2": ".pt2",
-                             "torchscript": ".pt", "gguf": f"-{e.quant}.gguf"}[e.format]).rstrip("/")
-    if e.format == "onnx" and path.endswith(".onnx"):
-        raise UserError(f"--out {path}: an ONNX export is a folder (model.onnx, the tokenizer, generate.py) - "
-                        f"name a folder, e.g. --out {path.removesuffix('.onnx')}-onnx")
-    if os.path.abspath(path) == os.path.abspath(cfg.model.name):
-        raise UserError(f"--out {path}: is the model being exported - write to another file")
-    if os.path.exists(path) and not e.overwrite:
-        raise UserError(f"--out {path}: already exists - pass --overwrite to replace it, or choose another --out")
+    path = out_path(cfg, stem)
 
-    # tracing needs plain attention ops
-    mcfg = dataclasses.replace(cfg.model, attn_implementation="eager") if e.format == "torchscript" else cfg.model
+    # tracing needs plain attention ops; onnxruntime checks the ONNX graph on the CPU, against the model in fp32
+    mcfg = dataclasses.replace(cfg.model, attn_implementation="eager") if e.format == "torchscript" else \
+        dataclasses.replace(cfg.model, device="cpu", dtype="float32") if e.format == "onnx" else cfg.model
     model, tokenizer = load_for_use(mcfg, "export"), load_tokenizer(mcfg.name, mcfg.trust_remote_code)
     if hasattr(model, "merge_and_unload"):  # a LoRA adapter: fold it into the base first
         model = model.merge_and_unload()
@@ -164,6 +179,11 @@ def main(argv):
             raise UserError(f"{path}: {str(err).replace(work, path).removeprefix(path + ': ')} - nothing was written")
         files = [os.path.join(work, f) for f in os.listdir(work)] if os.path.isdir(work) else [work]
         size = sum(map(os.path.getsize, files))
+        if os.path.isdir(path):  # an earlier export: replaced whole, so it must hold nothing but what this one writes
+            extra = sorted(set(os.listdir(path)) - set(os.listdir(work)))
+            if extra:
+                raise UserError(f"--out {path}: holds files an export does not write ({', '.join(extra[:5])}) - "
+                                "move them, or choose another --out; nothing was written")
         with replacing(os.path.abspath(path)) as final:  # a folder (ONNX) replaces its predecessor whole
             os.rename(work, final)
     log(f"wrote {path} ({size / 1e6:.1f} MB, {kind}); verified: {checks}")

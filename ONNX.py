@@ -189,23 +189,40 @@ def prompts(tokenizer, runner_tokenizer, folder, settings):
             settings["eos"]) for p in PROMPTS]
     if tokenizer.chat_template:
         question = "What is the capital of France?"
-        try:
-            ours = ONNX_RUN.prompt_ids(folder, runner_tokenizer, settings, question, True)
-        except Exception:  # noqa: BLE001 - a template that needs transformers' own additions to jinja2
-            ours = None
-        theirs = chat_ids(tokenizer, [{"role": "user", "content": question}])
-        out.append((f"the chat question {question!r}", ours, theirs, settings["eos"] + settings["chat_eos"]))
+        out.append((f"the chat question {question!r}", runner_chat(folder, runner_tokenizer, settings, question),
+                    chat_ids(tokenizer, [{"role": "user", "content": question}]),
+                    settings["eos"] + settings["chat_eos"]))
     return out
+
+
+def runner_chat(folder, runner_tokenizer, settings, question, system=None):
+    """The runner's token ids for a chat question, or None where it cannot render the template."""
+    try:
+        return ONNX_RUN.prompt_ids(folder, runner_tokenizer, settings, question, True, system)
+    except Exception:  # noqa: BLE001 - a template that needs transformers' own additions to jinja2, or none written
+        return None
+
+
+def runner_chats_as_infer(tokenizer, runner_tokenizer, folder, settings, chat_case):
+    """Whether the runner's --chat prompts as INFER.py --chat does: the same ids with and without a system message,
+    and a chat's end of turn that is one token (the runner has no stop strings)."""
+    system, question = "Be brief.", "Hello"
+    with_system = chat_ids(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": question}])
+    stops, _ = stops_and_eos(tokenizer, [], True)
+    return chat_case[1] == chat_case[2] and not stops and \
+        runner_chat(folder, runner_tokenizer, settings, question, system) == with_system
 
 
 def verify(model, tokenizer, folder, quant, min_agreement):
     """Check the folder in onnxruntime, as ONNX_RUN.py uses it: -> what was verified, or UserError."""
     session, runner_tokenizer, settings = ONNX_RUN.load(folder)
     cases = prompts(tokenizer, runner_tokenizer, folder, settings)
-    if tokenizer.chat_template and cases[-1][1] != cases[-1][2]:  # the runner's --chat only
-        log("warning: the chat template renders differently outside transformers, so generate.py --chat is off "
-            "for this export (it says so); plain prompts are unaffected")
-        os.remove(os.path.join(folder, "chat_template.jinja"))
+    if tokenizer.chat_template and not runner_chats_as_infer(tokenizer, runner_tokenizer, folder, settings, cases[-1]):
+        log("warning: generate.py cannot prompt this chat template as INFER.py --chat does (it renders differently "
+            "outside transformers, or ends a turn with several tokens), so its --chat is off for this export (it "
+            "says so); plain prompts are unaffected")
+        if os.path.exists(os.path.join(folder, "chat_template.jinja")):
+            os.remove(os.path.join(folder, "chat_template.jinja"))
         cases = cases[:-1]
     for label, ours, theirs, _ in cases:
         if ours != theirs:

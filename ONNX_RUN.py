@@ -94,8 +94,8 @@ def chat_prompt(folder, settings, text, system):
     """The prompt rendered with the model's chat template, ready for the assistant's answer (as INFER.py --chat)."""
     path = os.path.join(folder, "chat_template.jinja")
     if not os.path.exists(path):
-        fail(f"--chat: {path} does not exist (the model has no chat template, or it renders differently "
-                 f"without transformers) - drop --chat")
+        raise LookupError(f"--chat: {path} does not exist (the model has no chat template, or one this runner "
+                          f"cannot render as transformers does) - drop --chat")
     from jinja2.sandbox import ImmutableSandboxedEnvironment  # only for --chat
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     with open(path, encoding="utf-8") as f:
@@ -122,6 +122,7 @@ def stream(tokenizer, tokens, eos, out):
         out.write(text[shown:])
         out.flush()
         shown = len(text)
+    out.write(tokenizer.decode(ids, skip_special_tokens=True)[shown:])  # at the end, even half a character
 
 
 def main(argv):
@@ -154,7 +155,10 @@ def main(argv):
     text = a.prompt if a.prompt is not None else sys.stdin.read().removesuffix("\n")  # echo adds one
     if not text.strip():
         fail("empty prompt - pass --prompt TEXT or pipe text on stdin")
-    ids = prompt_ids(a.model, tokenizer, settings, text, a.chat, a.system)
+    try:
+        ids = prompt_ids(a.model, tokenizer, settings, text, a.chat, a.system)
+    except LookupError as e:
+        fail(str(e))
     context = settings["context"]
     max_new = min(d["max_new_tokens"] if a.max_new_tokens is None else a.max_new_tokens, context - 1)
     if len(ids) > context - max_new:  # keep the prompt's tail, as INFER.py does

@@ -90,6 +90,10 @@ CASES = [
      "--quant f16 does not apply to --format pt2 - drop it"),
     ("agreement for f32", "EXPORT.py", ["--model", "{m}", "--min-agreement", "0.9"], None,
      "--min-agreement applies to --format gguf --quant f16/q8_0 and --format onnx --quant int8"),
+    ("overwrite a folder", "EXPORT.py", ["--model", "{m}", "--out", "{t}/emptyout", "--overwrite"], None,
+     "--out {t}/emptyout: is a folder, not an earlier ONNX export, so --overwrite does not replace it"),
+    ("export over the model", "EXPORT.py", ["--model", "{m}", "--format", "pt2", "--out", "{m}/..", "--overwrite"],
+     None, "--out {m}/..: holds the model being exported or the current folder - write elsewhere"),
     ("onnx into a file", "EXPORT.py", ["--model", "{m}", "--out", "{t}/m.onnx"], None,
      "--out {t}/m.onnx: an ONNX export is a folder (model.onnx, the tokenizer, generate.py) - name a folder"),
 ]

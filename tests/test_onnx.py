@@ -3,7 +3,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,8 +42,9 @@ def without_torch(script, *args, stdin=None):
             "sys.modules.update(torch=None, transformers=None)  # None in sys.modules: any import of it fails\n"
             "sys.argv = sys.argv[1:]\n"
             "runpy.run_path(sys.argv[0], run_name='__main__')")
-    return subprocess.run([sys.executable, "-c", code, str(script), *map(str, args)], cwd=ROOT, input=stdin,
-                          capture_output=True, text=True, timeout=120)
+    # run from elsewhere, so that none of this repository's modules can be imported either
+    return subprocess.run([sys.executable, "-c", code, str(script), *map(str, args)], cwd=tempfile.gettempdir(),
+                          input=stdin, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -81,7 +84,8 @@ def test_onnxruntime_genai_runs_the_folder_as_infer_greedy_does(models, chat_mod
         generator.generate_next_token()
     text = tokenizer.decode(generator.get_sequence(0))  # the prompt and the answer, without end tokens
     want = run("INFER.py", "--model", source, "--prompt", prompt, "--greedy", "--max-new-tokens", "64")
-    assert text.removeprefix(prompt) == want.stdout.removesuffix("\n")[:len(text) - len(prompt)]
+    answer = text.removeprefix(prompt)
+    assert answer.strip() and answer == want.stdout.removesuffix("\n")[:len(answer)]
 
 
 def test_without_onnxruntime_genai_the_export_says_that_check_was_skipped(models, tmp_path):
@@ -145,13 +149,28 @@ def test_onnx_int8_below_min_agreement_fails_and_leaves_nothing(models, tmp_path
 def test_an_onnx_folder_is_replaced_whole_only_with_overwrite(models, onnx_exports, tmp_path):
     target = tmp_path / "m-onnx"
     shutil.copytree(onnx_exports["llama"][0], target)
-    (target / "notes.txt").write_text("mine")
     r = run("EXPORT.py", "--model", models["gpt2"], "--out", target)
-    assert r.returncode == 2 and "already exists - pass --overwrite" in r.stderr and (target / "notes.txt").exists()
+    assert r.returncode == 2 and "already exists - pass --overwrite" in r.stderr
+    (target / "notes.txt").write_text("mine")  # a file the export does not write: never deleted with the folder
+    r = run("EXPORT.py", "--model", models["gpt2"], "--out", target, "--overwrite")
+    assert r.returncode == 2 and "holds files an export does not write (notes.txt)" in r.stderr
+    assert (target / "notes.txt").read_text() == "mine"
+    (target / "notes.txt").unlink()
     r = run("EXPORT.py", "--model", models["gpt2"], "--out", target, "--overwrite")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert not (target / "notes.txt").exists() and sorted(os.listdir(tmp_path)) == ["m-onnx"]
+    assert sorted(os.listdir(tmp_path)) == ["m-onnx"]
     assert (target / "model.onnx").read_bytes() != (onnx_exports["llama"][0] / "model.onnx").read_bytes()
+
+
+def test_sampling_keeps_the_top_k_ids_and_the_top_p_mass():
+    import ONNX_RUN
+    logits = np.log(np.array([0.4, 0.3, 0.2, 0.1]))
+    draws = lambda pick: {pick(logits) for _ in range(300)}  # noqa: E731
+    assert draws(ONNX_RUN.sampler(1.0, 2, 1.0, seed=0)) == {0, 1}
+    assert draws(ONNX_RUN.sampler(1.0, 0, 0.5, seed=0)) == {0, 1}   # 0.4 + 0.3 is the least mass >= 0.5
+    assert draws(ONNX_RUN.sampler(1.0, 0, 0.75, seed=0)) == {0, 1, 2}
+    assert draws(ONNX_RUN.sampler(1.0, 0, 1.0, seed=0)) == {0, 1, 2, 3}
+    assert ONNX_RUN.greedy(logits) == 0
 
 
 def test_onnx_runner_refuses_a_folder_that_is_not_an_export(tmp_path):
