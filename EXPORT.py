@@ -59,11 +59,6 @@ def examples(vocab, seed=0):
     return out
 
 
-def masked_max_diff(a, b, mask):
-    """Largest |a - b| over real (unpadded) positions: logits at padding are not defined."""
-    return float(((a - b).abs().amax(-1) * mask).max())
-
-
 def check_in_fresh_process(module, inputs, path, load, how):
     """Load `path` in a fresh process with torch alone (no transformers), as a user of the file would, with the
     Python expression `load` (of p, the path) -> the largest logit difference on `inputs`, and how it was checked."""

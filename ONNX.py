@@ -236,7 +236,7 @@ def verify(model, tokenizer, folder, quant, min_agreement):
         checks.append(f"onnxruntime's logits on padded batches within {diff:.1e} of PyTorch's (largest {scale:.1f})")
     wants = [pytorch_greedy(model, tokenizer, ids, eos) for _, ids, _, eos in cases]
     checks.append(check_generation(model, session, cases, wants, quant, min_agreement))
-    return checks + [check_genai(folder, cases, wants, quant)]
+    return checks + [check_genai(folder, cases, wants, quant, set(settings["eos"] + settings["chat_eos"]))]
 
 
 def check_generation(model, session, cases, wants, quant, min_agreement):
@@ -261,14 +261,13 @@ def check_generation(model, session, cases, wants, quant, min_agreement):
             f"identical after {same}/{len(cases)} prompts")
 
 
-def check_genai(folder, cases, wants, quant):
-    """Where onnxruntime-genai is installed: its greedy tokens from the folder, against PyTorch's (f32: equal)."""
+def check_genai(folder, cases, wants, quant, ends):
+    """Where onnxruntime-genai is installed: its greedy tokens from the folder, against PyTorch's (f32: equal);
+    `ends`: the end tokens genai_config.json gives it."""
     genai = genai_greedy(folder, cases)
     if genai is None:
         return "onnxruntime-genai check skipped: pip install onnxruntime-genai"
     outs, version = genai
-    with open(os.path.join(folder, "genai_config.json"), encoding="utf-8") as f:
-        ends = set(json.load(f)["model"]["eos_token_id"])
 
     def upto_end(tokens):  # genai stops at its config's end tokens, which a chat's end of turn is one of
         return next((tokens[:i + 1] for i, t in enumerate(tokens) if t in ends), tokens)
