@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from CONFIG import UserError, log
-from DATA import Corpus, check_files, token_cache
+from DATA import Corpus, token_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,23 +129,23 @@ def validation_subset(val, t):
     return indices
 
 
-def load(dcfg, tokenizer, max_length, preference=False):
-    """(train Sequences, validation Sequences or None) for the data section of the config; preference: the files
-    hold preference pairs (a pair a sequence, no validation)."""
-    corpus = token_cache(dcfg.files, tokenizer, dcfg.cache_dir, dcfg.loss_on)
+def load(dcfg, sources, tokenizer, max_length, preference=False):
+    """(train Sequences, validation Sequences or None) for the data section of the config and its sources
+    (DATA.sources: training, validation); preference: the data holds preference pairs (a pair a sequence, no
+    validation)."""
+    corpus = token_cache(sources[0], tokenizer, dcfg.cache_dir, dcfg.loss_on)
     if preference:
         train = pairs(corpus, max_length)
         log(f"data: {len(train)} preference pairs, {int(corpus.ends[-1])} tokens (no validation: DPO's progress "
             "is in rewards/accuracies and rewards/margins)")
         return train, None
     n_docs = len(corpus.ends)
-    n_val = 0 if dcfg.val_files else held_out(corpus.ends, dcfg.val_fraction, dcfg.val_max_tokens)
+    n_val = 0 if sources[1] else held_out(corpus.ends, dcfg.val_fraction, dcfg.val_max_tokens)
     if n_val == n_docs:
         raise UserError(f"data.val_fraction: {dcfg.val_fraction} leaves no training documents")
     val = None
-    if dcfg.val_files:
-        check_files(dcfg.val_files)
-        val_corpus = token_cache(dcfg.val_files, tokenizer, dcfg.cache_dir, dcfg.loss_on)
+    if sources[1]:
+        val_corpus = token_cache(sources[1], tokenizer, dcfg.cache_dir, dcfg.loss_on)
         val = sequences(val_corpus, 0, len(val_corpus.ends), max_length, dcfg.packing, dcfg.too_long)
     elif n_val:  # the last documents, in file order
         val = sequences(corpus, n_docs - n_val, n_docs, max_length, dcfg.packing, dcfg.too_long)

@@ -32,6 +32,7 @@ def parse(obj, where):
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object like {{\"text\": \"…\"}}, got a {type(obj).__name__}")
     if "messages" in obj:
+        null(obj, "messages", where)
         return "messages", {"messages": check_messages(obj["messages"], where)}
     if "chosen" in obj or "rejected" in obj:
         return "preference", preference(obj, where)
@@ -54,9 +55,16 @@ def parse(obj, where):
 
 def string(obj, key, where):
     if not isinstance(obj.get(key), str):
+        null(obj, key, where)
         what = f"no \"{key}\" field" if key not in obj else f"\"{key}\" is a {type(obj[key]).__name__}"
         raise UserError(f"{where}: {what} - it must be a string")
     return obj[key]
+
+
+def null(obj, key, where):
+    """A column's missing value (Parquet, CSV, datasets: None) is its own mistake, whatever the field's type."""
+    if key in obj and obj[key] is None:
+        raise UserError(f"{where}: \"{key}\" is null - drop or fill it")
 
 
 def preference(obj, where):
@@ -90,6 +98,7 @@ def preference(obj, where):
 def turns(obj, key, where):
     """obj[key] as a checked, non-empty list of messages."""
     value = obj.get(key)
+    null(obj, key, where)
     if not isinstance(value, list) or not value:
         raise UserError(f"{where}: \"{key}\" must be a string or a non-empty list of {{\"role\": …, \"content\": …}}"
                         " objects")

@@ -54,8 +54,17 @@ class TokenizerCfg:
 @dataclass(frozen=True)
 class DataCfg:
     files: list = opt(["data/train.txt", "data/train.jsonl"],
-                      ".txt (one sample per non-empty line) and .jsonl files (text, messages, prompt/completion)",
-                      flag="--data")
+                      "data files (.txt, .jsonl, .json, .csv, .tsv, .parquet; .gz/.zst), folders of them, save_to_disk "
+                      "folders or Hub dataset ids (docs/data.md)", flag="--data")
+    columns: dict = opt({}, "read a dataset's columns under LLM-MINI's keys, e.g. '{text: content}' or --columns "
+                        "text=content,prompt=question; a key mapped to nothing ignores that column", flag="--columns")
+    split: str = opt("train", "the split of a Hub dataset, dataset folder or save_to_disk DatasetDict",
+                     flag="--data-split")
+    subset: Optional[str] = opt(None, "a Hub dataset's configuration (load_dataset's name)", flag="--data-subset")
+    revision: Optional[str] = opt(None, "a Hub dataset's branch, tag or commit (default: main)", flag="--data-revision")
+    streaming: bool = opt(False, "read a Hub dataset as it downloads, tokenizing rows as they arrive, instead of "
+                                 "downloading it first")
+    max_samples: Optional[int] = opt(None, "read at most this many samples of each source (then stop reading)", min=1)
     packing: Optional[bool] = opt(None, "join documents with EOS and cut into max_length blocks; --no-packing: one "
                                   "padded sample per document; default by purpose: packing from scratch only")
     loss_on: Optional[Literal["all", "assistant", "completion", "last_assistant"]] = opt(
@@ -63,7 +72,8 @@ class DataCfg:
         "completion for prompt/completion")
     too_long: Literal["truncate", "drop"] = opt("truncate", "a sample longer than max_length is truncated (its "
                                                 "targets that fit are kept) or dropped; one warning counts them")
-    val_files: list = opt([], "validation files", flag="--val-data")
+    val_files: list = opt([], "validation data: files, folders or datasets, as --data", flag="--val-data")
+    val_split: str = opt("validation", "the split read from a dataset given to --val-data")
     val_fraction: float = opt(0.0, "hold out this fraction of the documents (the last ones) for validation",
                               min=0, at_most=0.5)
     val_max_tokens: int = opt(1_000_000, "but hold out no more documents than fit in this many tokens", min=1)

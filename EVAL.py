@@ -26,7 +26,7 @@ import CONFIG
 from BATCHES import collate, count_targets, gather
 from CHAT import encode, with_template
 from CONFIG import UserError, need
-from DATA import check_files, check_loss_on, read_all
+from DATA import check_loss_on, read_all, sources
 from MODEL import context_length, load_for_use, no_padding_warning
 from TOKENIZER import load_tokenizer
 
@@ -177,8 +177,8 @@ def main(argv):
         return
     if "model.name" not in flags or "data.files" not in flags:
         raise UserError("--model and --data are required: e.g. python EVAL.py --model out --data data/train.txt")
-    check_files(cfg.data.files)
-    chat = "messages" in check_loss_on(cfg.data.files, cfg.data.loss_on).values()
+    data, _ = sources(cfg.data)
+    chat = "messages" in check_loss_on(data, cfg.data.loss_on).values()
     no_padding_warning()
     model = load_for_use(cfg.model, "score")
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
@@ -192,7 +192,7 @@ def main(argv):
         raise UserError(f"eval.stride: {e.stride} is above the window of {e.window} tokens - tokens would go unscored")
     e = dataclasses.replace(e, stride=e.stride or e.window)
     on_doc, close = dumper(e.dump, e.dump_top_k) if e.dump else (None, None)
-    nll, tokens, n_bytes = evaluate(model, tokenizer, read_all(cfg.data.files), e, cfg.data.loss_on, on_doc)
+    nll, tokens, n_bytes = evaluate(model, tokenizer, read_all(data), e, cfg.data.loss_on, on_doc)
     if close:
         close()
     print(f"perplexity     {math.exp(nll / tokens):.4f}")

@@ -8,8 +8,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from ATOMIC import replacing
 from CHAT import CHATML, CHATML_TOKENS
 from CONFIG import UserError, first_line, log
-from DATA import fingerprint, iter_texts
+from DATA import iter_texts
 from MODEL import from_pretrained_args
+from SOURCES import fingerprint
 
 EOS = "<|endoftext|>"
 
@@ -50,14 +51,15 @@ def train_tokenizer(texts, vocab_size, chat=False):
     return tok
 
 
-def cached_bpe(files, vocab_size, cache_dir, chat=False):
-    """train_tokenizer on the files, saved under cache_dir and reused while the files are unchanged."""
-    path = os.path.join(cache_dir, f"bpe-{fingerprint(files, 'bpe', vocab_size, chat)}")
+def cached_bpe(sources, vocab_size, cache_dir, chat=False):
+    """train_tokenizer on the data's sources (DATA.sources), saved under cache_dir and reused while they are
+    unchanged."""
+    path = os.path.join(cache_dir, f"bpe-{fingerprint(sources, 'bpe', vocab_size, chat)}")
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         log(f"reusing the BPE tokenizer in {path}")
         return with_pad(AutoTokenizer.from_pretrained(path))
-    log(f"training a byte-level BPE tokenizer ({vocab_size} tokens) on {files}")
-    tok = train_tokenizer(iter_texts(files), vocab_size, chat)
+    log(f"training a byte-level BPE tokenizer ({vocab_size} tokens) on {', '.join(s.label() for s in sources)}")
+    tok = train_tokenizer(iter_texts(sources), vocab_size, chat)
     with replacing(path) as tmp:
         tok.save_pretrained(tmp)
     return tok

@@ -53,8 +53,9 @@ def param_groups(model, weight_decay):
 
 def setup(cfg, run):
     """The output dir, the seed, and the tokenizer and model of a fresh or resumed run; cfg resolved against the
-    model (max_length), read-only from here on. -> (cfg, tokenizer, model, the checkpoint resumed or None)"""
-    t, files = cfg.training, cfg.data.files + cfg.data.val_files
+    model (max_length), read-only from here on. -> (cfg, the data's sources (training, validation), tokenizer,
+    model, the checkpoint resumed or None)"""
+    t = cfg.training
     DISTRIBUTED.check_fsdp(t, cfg.lora, run)
     if run.master:
         CHECKPOINT.prepare_out_dir(cfg)
@@ -63,12 +64,12 @@ def setup(cfg, run):
     if t.deterministic:  # cuBLAS needs a fixed workspace for repeatable matmuls (set before its first use)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    DATA.check_files(files)
-    kinds = DATA.check_loss_on(files, cfg.data.loss_on)
+    sources = DATA.sources(cfg.data)
+    kinds = DATA.check_loss_on(sources[0] + sources[1], cfg.data.loss_on)
     PREFERENCE.check_data(kinds, t.dpo, cfg.model.from_scratch)
     chat = bool({"messages", "preference"} & set(kinds.values()))  # the tokenizer needs a chat template
     resume = CHECKPOINT.resume_path(cfg)
-    tokenizer, model = checkpoint_model(cfg, run, resume) if resume else new_model(cfg, run, chat)
+    tokenizer, model = checkpoint_model(cfg, run, resume) if resume else new_model(cfg, run, chat, sources[0])
     model = model if getattr(model, "hf_quantizer", None) else model.to(run.device)  # a 4-bit base is on its GPU
     MODEL.fuse_activations(model)
     cfg, note = CONFIG.with_max_length(cfg, MODEL.context_length(model.config))
@@ -81,7 +82,7 @@ def setup(cfg, run):
         what = "training.dpo" if cfg.training.dpo else "data.packing"  # a DPO pair is packed: chosen, then rejected
         raise UserError(f"{what}: {model.config.model_type} lets packed documents attend to each other (it "
                         "ignores restarting position ids)" + ("" if cfg.training.dpo else " - use --no-packing"))
-    return cfg, tokenizer, model, resume
+    return cfg, sources, tokenizer, model, resume
 
 
 def checkpoint_model(cfg, run, resume):
@@ -92,8 +93,9 @@ def checkpoint_model(cfg, run, resume):
     return TOKENIZER.load_tokenizer(resume), model
 
 
-def new_model(cfg, run, chat):
-    """The tokenizer (the model's, --tokenizer, or a BPE trained on the data, rank 0 first) and the model to train."""
+def new_model(cfg, run, chat, sources):
+    """The tokenizer (the model's, --tokenizer, or a BPE trained on the training sources, rank 0 first) and the
+    model to train."""
     m, tok = cfg.model, cfg.tokenizer
     for name, what in ((None if m.from_scratch else m.name, "model"), (tok.name, "tokenizer")):
         if name:
@@ -101,7 +103,7 @@ def new_model(cfg, run, chat):
     if tok.name or not m.from_scratch:
         tokenizer = TOKENIZER.load_tokenizer(tok.name or m.name, m.trust_remote_code)
     else:
-        tokenizer = DISTRIBUTED.rank0_first(run, lambda: TOKENIZER.cached_bpe(cfg.data.files, tok.vocab_size,
+        tokenizer = DISTRIBUTED.rank0_first(run, lambda: TOKENIZER.cached_bpe(sources, tok.vocab_size,
                                                                               cfg.data.cache_dir, chat))
     if chat:
         with_template(tokenizer)
@@ -164,9 +166,9 @@ def train(cfg):
     transformers.logging.disable_progress_bar()  # our own bar is the one progress line
     MODEL.no_padding_warning()
     run = DISTRIBUTED.init(cfg.model)  # rank, world, device and precision: built once, passed as one value
-    cfg, tokenizer, raw_model, resume = setup(cfg, run)
+    cfg, sources, tokenizer, raw_model, resume = setup(cfg, run)
     t, pad = cfg.training, tokenizer.pad_token_id
-    data, val = DISTRIBUTED.rank0_first(run, lambda: BATCHES.load(cfg.data, tokenizer, t.max_length, t.dpo))
+    data, val = DISTRIBUTED.rank0_first(run, lambda: BATCHES.load(cfg.data, sources, tokenizer, t.max_length, t.dpo))
     val_idx = BATCHES.validation_subset(val, t)
     if t.dpo:  # the reference is the model as it starts: its log-probabilities, computed once (rank 0 first)
         data = DISTRIBUTED.rank0_first(run, lambda: PREFERENCE.with_reference(cfg, run, raw_model, data, pad, resume))

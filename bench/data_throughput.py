@@ -37,10 +37,10 @@ def child(code, *args):
     return time.perf_counter() - t, rss, p.stdout
 
 
-OURS = """from DATA import token_cache
+OURS = """from DATA import local, token_cache
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained(sys.argv[2])
-corpus = token_cache([sys.argv[3]], tok, sys.argv[4])
+corpus = token_cache(local([sys.argv[3]]), tok, sys.argv[4])
 print('TOKENS', len(corpus.tokens))"""
 
 BASELINE = """import os
@@ -59,13 +59,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", default="/tmp/llm-mini-bench")
     args = ap.parse_args()
-    from DATA import iter_texts
+    from DATA import iter_texts, local
     from TOKENIZER import train_tokenizer
     os.makedirs(args.work, exist_ok=True)
     tok_dir, big, small = (os.path.join(args.work, n) for n in ("tokenizer", "big.jsonl", "slice.jsonl"))
-    train_tokenizer(iter_texts(["tests/data/train.txt", "tests/data/train.jsonl"]), 4096).save_pretrained(tok_dir)
+    train_tokenizer(iter_texts(local(["tests/data/train.txt", "tests/data/train.jsonl"])), 4096).save_pretrained(tok_dir)
 
-    lines, rng = list(iter_texts(["tests/data/train.txt", "tests/data/train.jsonl"])), random.Random(0)
+    lines, rng = list(iter_texts(local(["tests/data/train.txt", "tests/data/train.jsonl"]))), random.Random(0)
     if not os.path.exists(big) or os.path.getsize(big) < args.gb * 1e9:
         with open(big, "w") as fh:
             while fh.tell() < args.gb * 1e9:
@@ -117,8 +117,8 @@ def main():
     import numpy as np
     from BATCHES import collate, gather, sample_indices, sequences
     from transformers import AutoTokenizer
-    from DATA import token_cache
-    corpus = token_cache([big], AutoTokenizer.from_pretrained(tok_dir), cache)
+    from DATA import local, token_cache
+    corpus = token_cache(local([big]), AutoTokenizer.from_pretrained(tok_dir), cache)
     t = time.perf_counter()
     blocks = sequences(corpus, 0, len(corpus.ends), 256, packing=True)
     print(f"packing {len(corpus.ends)} documents into {len(blocks)} blocks: {time.perf_counter() - t:.1f} s")

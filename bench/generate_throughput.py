@@ -44,11 +44,11 @@ def main():
     args = ap.parse_args()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    from DATA import iter_texts
+    from DATA import iter_texts, local
     from TOKENIZER import train_tokenizer
 
     tmp = tempfile.mkdtemp()
-    tok = train_tokenizer(iter_texts(["tests/data/train.txt", "tests/data/train.jsonl"]), 4096)
+    tok = train_tokenizer(iter_texts(local(["tests/data/train.txt", "tests/data/train.jsonl"])), 4096)
     torch.manual_seed(0)
     cfg = AutoConfig.for_model("gpt2", n_layer=6, n_head=8, n_embd=256, n_positions=1024, vocab_size=len(tok),
                                bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)

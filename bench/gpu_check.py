@@ -125,10 +125,10 @@ TRAINER = r"""import json, statistics, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from BATCHES import collate, gather, sequences
-from DATA import token_cache
+from DATA import local, token_cache
 run, data, cache, seq, batch, steps, dtype, device = sys.argv[2:10]
 tok = AutoTokenizer.from_pretrained(run)
-corpus = token_cache([data], tok, cache)
+corpus = token_cache(local([data]), tok, cache)
 seqs = sequences(corpus, 0, len(corpus.ends), int(seq), True)
 rows = gather(seqs, range(len(seqs)))
 model = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(run).config)

@@ -30,13 +30,13 @@ def main():
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from BATCHES import collate, gather, sequences
-    from DATA import iter_texts, token_cache
+    from DATA import iter_texts, local, token_cache
     from MODEL import no_padding_warning
     from TOKENIZER import train_tokenizer
     no_padding_warning()
     files = ["tests/data/train.txt", "tests/data/train.jsonl"]
-    tok = train_tokenizer(iter_texts(files), 4096)
-    corpus = token_cache(files, tok, tempfile.mkdtemp(prefix="llm-mini-packing-"))
+    tok = train_tokenizer(iter_texts(local(files)), 4096)
+    corpus = token_cache(local(files), tok, tempfile.mkdtemp(prefix="llm-mini-packing-"))
     seqs = sequences(corpus, 0, len(corpus.ends), args.block, packing=True)
     torch.manual_seed(0)
     config = AutoConfig.for_model("gpt2", n_layer=6, n_head=6, n_embd=384, n_positions=args.block, vocab_size=len(tok))

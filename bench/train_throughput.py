@@ -48,10 +48,10 @@ TRAINER = """import json, statistics, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from BATCHES import collate, gather, sequences
-from DATA import token_cache
+from DATA import local, token_cache
 model_dir, batch, length, steps, dtype, work, gc = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8] == "1"
 tok = AutoTokenizer.from_pretrained(model_dir)
-corpus = token_cache(%r, tok, work + "/cache")
+corpus = token_cache(local(%r), tok, work + "/cache")
 blocks = sequences(corpus, 0, len(corpus.ends), length, True)  # TRAIN.py's packed blocks
 data = gather(blocks, range(len(blocks)))
 torch.manual_seed(0)
@@ -182,10 +182,10 @@ def main():
             print(f"{mode:>6} {tps_a:10.0f} {tps_b:8.0f} {tps_a / tps_b:6.2f} | {rss_a:7.2f} {rss_b:8.2f} "
                   f"{rss_a / rss_b:6.2f}", flush=True)
         return
-    from DATA import iter_texts
+    from DATA import iter_texts, local
     from TOKENIZER import train_tokenizer
     work = tempfile.mkdtemp(prefix="llm-mini-train-bench-")
-    tok = train_tokenizer(iter_texts(DATA), 4096)
+    tok = train_tokenizer(iter_texts(local(DATA)), 4096)
     _, base = run_measured([sys.executable, "-c", IMPORTS])
     cpu = next((line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}; {args.steps} steps, median of {args.repeats} "

@@ -40,10 +40,10 @@ def test_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
 
 
 def test_the_token_cache_clears_what_an_interrupted_tokenization_left(tmp_path, tok_files):
-    from DATA import token_cache
+    from DATA import local, token_cache
     cache = tmp_path / "cache"
     (cache / f".tmp-0123456789abcdef-{DEAD}").mkdir(parents=True)
-    token_cache([tok_files[0]], tok_files[1], str(cache))
+    token_cache(local([tok_files[0]]), tok_files[1], str(cache))
     assert [n for n in os.listdir(cache) if n.startswith(".tmp-")] == []
 
 

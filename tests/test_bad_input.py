@@ -15,7 +15,7 @@ LONG_LINE = "word " * 400
 def files(tmp):
     """The bad inputs, written fresh for each case."""
     (tmp / "dir.txt").mkdir()
-    (tmp / "data.csv").write_text("a,b\n")
+    (tmp / "data.docx").write_text("a,b\n")
     (tmp / "empty.txt").write_text("")
     (tmp / "blank.txt").write_text("\n   \n\n")
     (tmp / "badjson.jsonl").write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": broken\n')
@@ -35,14 +35,16 @@ def files(tmp):
 
 CASES = [
     # (id, script, args, stdin, message)
-    ("missing data file", "TRAIN.py", ["--data", "{t}/nope.txt"], None, "{t}/nope.txt: no such data file"),
-    ("directory as data", "TRAIN.py", ["--data", "{t}/dir.txt"], None, "{t}/dir.txt: is a directory"),
-    ("unsupported extension", "TRAIN.py", ["--data", "{t}/data.csv"], None, "{t}/data.csv: unsupported file type"),
+    ("missing data file", "TRAIN.py", ["--data", "{t}/nope.txt"], None, "{t}/nope.txt: no such file or folder"),
+    ("empty folder as data", "TRAIN.py", ["--data", "{t}/dir.txt"], None, "{t}/dir.txt: no data files in this folder"),
+    ("unsupported extension", "TRAIN.py", ["--data", "{t}/data.docx"], None, "{t}/data.docx: unsupported file type"),
     ("empty file", "TRAIN.py", ["--data", "{t}/empty.txt"], None, "{t}/empty.txt: no samples"),
     ("only blank lines", "TRAIN.py", ["--data", "{t}/blank.txt"], None, "{t}/blank.txt: no samples"),
     ("invalid json", "TRAIN.py", ["--data", "{t}/badjson.jsonl"], None, "{t}/badjson.jsonl:3: invalid JSON"),
     ("json not an object", "TRAIN.py", ["--data", "{t}/list.jsonl"], None, "{t}/list.jsonl:1: expected a JSON object"),
-    ("missing text", "TRAIN.py", ["--data", "{t}/notext.jsonl"], None, '{t}/notext.jsonl:1: no "text" field'),
+    ("no field read", "TRAIN.py", ["--data", "{t}/notext.jsonl"], None,
+     "{t}/notext.jsonl:1: none of the fields LLM-MINI reads (text, messages, prompt, completion, chosen, rejected, …); "
+     "it has: body - map one, e.g. --columns text=body"),
     ("non-string text", "TRAIN.py", ["--data", "{t}/numtext.jsonl"], None, '{t}/numtext.jsonl:1: "text" is a int'),
     ("invalid utf-8", "TRAIN.py", ["--data", "{t}/latin1.txt"], None, "{t}/latin1.txt:1: invalid UTF-8"),
     ("unknown config key", "TRAIN.py", ["--config", "{t}/unknown.yaml"], None, "did you mean 'training.batch_size'"),
@@ -66,7 +68,8 @@ CASES = [
     ("conversation without answer", "TRAIN.py", ["--data", "{t}/noanswer.jsonl"], None,
      "{t}/noanswer.jsonl:1: the conversation has no assistant message"),
     ("two kinds in one file", "TRAIN.py", ["--data", "{t}/mixed.jsonl"], None,
-     "{t}/mixed.jsonl:2: a text sample in a file of prompt samples (line 1)"),
+     "{t}/mixed.jsonl:2: a text sample among prompt samples (the first at {t}/mixed.jsonl:1) - keep one kind per "
+     "file or folder"),
     ("assistant loss on text", "TRAIN.py", ["--loss-on", "assistant"], None,
      "data.loss_on: assistant needs conversations or prompt/completion pairs, but tests/data/train.txt holds plain text"),
     ("float16 on cpu", "TRAIN.py", ["--dtype", "float16", "--device", "cpu"], None, "not supported for training on CPU"),

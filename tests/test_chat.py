@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from CHAT import CHATML, encode, end_of_turn
 from CONFIG import UserError
 from BATCHES import collate, gather, sequences
-from DATA import iter_texts, read_samples, token_cache
+from DATA import iter_texts, local, read_samples, token_cache
 from TOKENIZER import train_tokenizer
 from conftest import run, train
 
@@ -29,7 +29,7 @@ MARKED = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 @pytest.fixture(scope="module")
 def tok():
     """A scratch BPE with ChatML's markers as special tokens, as TRAIN.py builds for conversation data."""
-    return train_tokenizer(iter_texts([CHAT, "tests/data/train.txt"]), 400, chat=True)
+    return train_tokenizer(iter_texts(local([CHAT, "tests/data/train.txt"])), 400, chat=True)
 
 
 def lines(tmp_path, *objs, name="c.jsonl"):
@@ -40,12 +40,12 @@ def lines(tmp_path, *objs, name="c.jsonl"):
 
 def test_each_format_parses_and_extra_keys_are_ignored(tmp_path):
     msgs = [{"role": "user", "content": "q", "name": "x"}, {"role": "assistant", "content": "a"}]
-    got = [(k, s) for k, s, _ in read_samples(lines(tmp_path, {"messages": msgs, "id": 3}))]
+    got = [(k, s) for k, s, _ in read_samples(*local([lines(tmp_path, {"messages": msgs, "id": 3})]))]
     assert got == [("messages", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})]
-    got = [s for _, s, _ in read_samples(lines(tmp_path, {"prompt": "p", "completion": "c", "meta": 1}))]
+    got = [s for _, s, _ in read_samples(*local([lines(tmp_path, {"prompt": "p", "completion": "c", "meta": 1})]))]
     assert got == [{"prompt": "p", "completion": "c"}]
     alpaca = [{"instruction": "Add.", "input": "2 and 3", "output": "5"}, {"instruction": "Say hi.", "output": "hi"}]
-    got = [s for _, s, _ in read_samples(lines(tmp_path, *alpaca))]
+    got = [s for _, s, _ in read_samples(*local([lines(tmp_path, *alpaca)]))]
     assert got == [{"prompt": "Add.\n\n2 and 3", "completion": "5"}, {"prompt": "Say hi.", "completion": "hi"}]
 
 
@@ -55,7 +55,7 @@ def test_each_format_parses_and_extra_keys_are_ignored(tmp_path):
     ({"messages": [{"role": "user", "content": 5}]}, r"c.jsonl:2: message 1 has no string \"content\""),
     ({"messages": [{"role": "bot", "content": "x"}]}, r"c.jsonl:2: message 1 has role 'bot' - use one of system"),
     ({"messages": [{"role": "user", "content": "x"}]}, r"c.jsonl:2: the conversation has no assistant message"),
-    ({"text": "plain"}, r"c.jsonl:2: a text sample in a file of messages samples \(line 1\)"),
+    ({"text": "plain"}, r"c.jsonl:2: a text sample among messages samples \(the first at .*c.jsonl:1\)"),
     ({"prompt": "p"}, r"c.jsonl:2: no \"completion\" field"),
 ])
 def test_bad_conversations_name_file_and_line(tmp_path, obj, message):
@@ -63,13 +63,13 @@ def test_bad_conversations_name_file_and_line(tmp_path, obj, message):
     if "prompt" in obj:
         good = {"prompt": "p", "completion": "c"}
     with pytest.raises(UserError, match=message):
-        list(read_samples(lines(tmp_path, good, obj)))
+        list(read_samples(*local([lines(tmp_path, good, obj)])))
 
 
 def test_a_template_that_raises_is_one_line_naming_the_sample(tmp_path, tok):
     tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}x"
     try:
-        samples = list(read_samples(lines(tmp_path, {"messages": CONVERSATION})))
+        samples = list(read_samples(*local([lines(tmp_path, {"messages": CONVERSATION})])))
         with pytest.raises(UserError, match=r"c.jsonl:1: the chat template refused this conversation \(no system role\)"):
             encode(samples, tok)
     finally:
@@ -110,7 +110,7 @@ def test_the_end_of_turn_token_is_a_target_and_user_tokens_never_are(tok):
 
 
 def test_prompt_completion_without_a_template_is_prompt_completion_eos(tok):
-    no_template = train_tokenizer(iter_texts(["tests/data/train.txt"]), 300)
+    no_template = train_tokenizer(iter_texts(local(["tests/data/train.txt"])), 300)
     ids, mask, n_bytes = encode([("prompt", {"prompt": "The cat", "completion": " sat."}, "x:1")], no_template)[0]
     p, c = no_template("The cat")["input_ids"], no_template(" sat.", add_special_tokens=False)["input_ids"]
     assert ids == p + c + [no_template.eos_token_id] and mask == [0] * len(p) + [1] * (len(c) + 1)
@@ -123,7 +123,7 @@ def test_prompt_completion_without_a_template_is_prompt_completion_eos(tok):
 def test_too_long_samples_are_truncated_or_dropped_and_samples_without_targets_dropped(tmp_path, tok, capsys):
     long = {"messages": [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}]}
     short = {"messages": CONVERSATION[1:3]}
-    corpus = token_cache([lines(tmp_path, short, long, short)], tok, str(tmp_path / "cache"))
+    corpus = token_cache(local([lines(tmp_path, short, long, short)]), tok, str(tmp_path / "cache"))
     seqs = sequences(corpus, 0, 3, 40, packing=False)  # the long one, truncated, has no target left
     err = capsys.readouterr().err
     assert len(seqs) == 2 and "1 of 3 samples are longer than max_length=40 tokens and were truncated" in err
@@ -142,7 +142,7 @@ def tiny_model(vocab):
 
 @pytest.mark.parametrize("files", [["tests/data/train.txt"], [CHAT]], ids=["text", "conversations"])
 def test_a_packed_block_loss_is_the_sum_of_its_documents_losses(tmp_path, tok, files):
-    corpus = token_cache(files, tok, str(tmp_path / "cache"))
+    corpus = token_cache(local(files), tok, str(tmp_path / "cache"))
     packed = sequences(corpus, 0, len(corpus.ends), 256, packing=True)
     model = tiny_model(len(tok))
     batch = gather(packed, range(4))
@@ -196,7 +196,7 @@ def test_resume_is_bit_identical_on_conversations(tmp_path, chat_model):
 def test_eval_scores_only_the_answers_as_plain_transformers_does(tmp_path, chat_model):
     tok, model = AutoTokenizer.from_pretrained(chat_model), AutoModelForCausalLM.from_pretrained(chat_model).eval()
     assert tok.chat_template == CHATML  # saved with the model
-    fits = [s for _, s, _ in read_samples(CHAT)
+    fits = [s for _, s, _ in read_samples(*local([CHAT]))
             if len(tok.apply_chat_template(s["messages"], return_dict=True)["input_ids"]) <= 128]  # the context
     r = run("EVAL.py", "--model", chat_model, "--data", lines(tmp_path, *fits), "--device", "cpu")
     assert r.returncode == 0, r.stderr
@@ -233,7 +233,7 @@ def test_infer_chat_renders_the_tokens_training_used(chat_model):
 
 
 def test_a_tokenizer_without_template_gets_chatml_ending_turns_with_a_stop_string():
-    tok = train_tokenizer(iter_texts(["tests/data/train.txt"]), 300)  # no ChatML special tokens: <|im_end|> is plain text
+    tok = train_tokenizer(iter_texts(local(["tests/data/train.txt"])), 300)  # no ChatML special tokens: <|im_end|> is plain text
     tok.chat_template = CHATML
     text, token = end_of_turn(tok)
     assert text == "<|im_end|>" and token is None  # several tokens: INFER.py stops on the string

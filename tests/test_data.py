@@ -1,14 +1,16 @@
-"""DATA.py: reading .txt/.jsonl (errors name file:line), the resumable sample order, and collation."""
+"""DATA.py: reading .txt/.jsonl (errors name file:line), the resumable sample order, and collation. The other
+formats, folders and datasets: test_sources.py."""
 import pytest
 import torch
 
 from CONFIG import UserError
 from BATCHES import collate, count_targets, plain, sample_indices
-from DATA import check_files, read_samples
+from CONFIG import DataCfg
+from DATA import local, read_samples, sources
 
 
 def texts(path):
-    return [(where.split("/")[-1], sample["text"]) for _, sample, where in read_samples(str(path))]
+    return [(where.split("/")[-1], sample["text"]) for _, sample, where in read_samples(*local([path]))]
 
 
 def test_txt_is_one_sample_per_non_empty_line(tmp_path):
@@ -26,7 +28,9 @@ def test_jsonl_reads_the_text_field_and_ignores_others(tmp_path):
 @pytest.mark.parametrize("name, content, message", [
     ("a.jsonl", b'{"text": "ok"}\n{"text": oops}\n', r"a.jsonl:2: invalid JSON"),
     ("a.jsonl", b'{"text": "ok"}\n["text"]\n', r"a.jsonl:2: expected a JSON object"),
-    ("a.jsonl", b'{"body": "x"}\n', r"a.jsonl:1: no \"text\" field"),
+    ("a.jsonl", b'{"body": "x"}\n', r"a.jsonl:1: none of the fields LLM-MINI reads .* it has: body - map one, "
+                                    r"e.g. --columns text=body"),
+    ("a.jsonl", b'{"text": "x"}\n{"body": "x"}\n', r"a.jsonl:2: no \"text\" field"),
     ("a.jsonl", b'{"text": 5}\n', r"a.jsonl:1: \"text\" is a int"),
     ("a.txt", b"fine\nbad \xff byte\n", r"a.txt:2: invalid UTF-8"),
     ("a.txt", b"\n  \n\n", r"a.txt: no samples"),
@@ -36,17 +40,18 @@ def test_bad_lines_name_file_and_line(tmp_path, name, content, message):
     p = tmp_path / name
     p.write_bytes(content)
     with pytest.raises(UserError, match=message):
-        list(read_samples(str(p)))
+        list(read_samples(*local([p])))
 
 
-def test_check_files_rejects_missing_directory_and_unknown_type(tmp_path):
-    (tmp_path / "x.csv").write_text("a")
-    with pytest.raises(UserError, match="no such data file"):
-        check_files([str(tmp_path / "missing.txt")])
-    with pytest.raises(UserError, match="is a directory"):
-        check_files([str(tmp_path)])
-    with pytest.raises(UserError, match="unsupported file type"):
-        check_files([str(tmp_path / "x.csv")])
+def test_sources_rejects_missing_files_empty_folders_and_unknown_types(tmp_path):
+    (tmp_path / "x.docx").write_text("a")
+    with pytest.raises(UserError, match="missing.txt: no such file or folder"):
+        sources(DataCfg(files=[str(tmp_path / "missing.txt")]))
+    with pytest.raises(UserError, match="x.docx: unsupported file type"):
+        sources(DataCfg(files=[str(tmp_path / "x.docx")]))
+    (tmp_path / "x.docx").unlink()
+    with pytest.raises(UserError, match="no data files in this folder"):
+        sources(DataCfg(files=[str(tmp_path)]))
 
 
 def test_eos_is_a_target_and_pads_are_masked_by_position():

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from CONFIG import DataCfg
 from BATCHES import gather, load, sequences
-from DATA import Corpus, token_cache
+from DATA import Corpus, local, sources, token_cache
 from conftest import train, reference_nll
 
 
@@ -27,23 +27,23 @@ def write(path, lines):
 def test_cache_is_reused_and_rebuilt_when_a_file_or_tokenizer_changes(tmp_path, tok, capsys):
     data = write(tmp_path / "a.txt", ["the cat sat", "a dog ran far away"])
     cache = str(tmp_path / "cache")
-    first = token_cache([data], tok, cache)
+    first = token_cache(local([data]), tok, cache)
     assert "tokenized 2 documents" in capsys.readouterr().err
-    again = token_cache([data], tok, cache)
+    again = token_cache(local([data]), tok, cache)
     assert "reusing token cache" in capsys.readouterr().err and np.array_equal(first.tokens, again.tokens)
     write(tmp_path / "a.txt", ["the cat sat", "a dog ran far away", "one more line"])
-    third = token_cache([data], tok, cache)
+    third = token_cache(local([data]), tok, cache)
     assert "tokenized 3 documents" in capsys.readouterr().err and len(third.ends) == 3
     tok2 = AutoTokenizer.from_pretrained(tok.name_or_path)
     tok2.add_tokens(["<new>"])
-    token_cache([data], tok2, cache)
+    token_cache(local([data]), tok2, cache)
     assert "tokenized 3 documents" in capsys.readouterr().err
     assert len([d for d in os.listdir(cache) if ".tmp-" not in d]) == 3
 
 
 def test_cache_holds_every_document_with_eos_and_its_targets(tmp_path, tok):
     lines = ["the cat sat", "a dog ran far away", "x"]
-    c = token_cache([write(tmp_path / "a.txt", lines)], tok, str(tmp_path / "c"))
+    c = token_cache(local([write(tmp_path / "a.txt", lines)]), tok, str(tmp_path / "c"))
     expected = [tok(t)["input_ids"] + [tok.eos_token_id] for t in lines]
     assert c.tokens.tolist() == sum(expected, []) and c.ends.tolist() == np.cumsum([len(e) for e in expected]).tolist()
     assert c.mask.tolist() == sum(([0] + [1] * (len(e) - 1) for e in expected), [])  # all but a document's first
@@ -89,7 +89,7 @@ def test_per_sample_mode_is_one_truncated_sequence_per_document():
 def test_validation_fraction_holds_out_the_last_documents(tmp_path, tok):
     data = write(tmp_path / "a.txt", [f"line number {i} of the file" for i in range(20)])
     cfg = DataCfg(files=[data], packing=False, val_fraction=0.25, cache_dir=str(tmp_path / "c"))
-    train_seqs, val_seqs = load(cfg, tok, 64)
+    train_seqs, val_seqs = load(cfg, sources(cfg), tok, 64)
     assert len(train_seqs) == 15 and len(val_seqs) == 5
     assert val_seqs.segments[0, 0] == train_seqs.segments[-1, 1]  # disjoint, in file order
 

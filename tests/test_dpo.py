@@ -55,7 +55,7 @@ def rows(out):
 def test_loss_and_gradients_equal_separate_forwards_of_each_answer(base, pairs, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(base)
-    seqs = BATCHES.pairs(DATA.token_cache([str(pairs)], tokenizer, tmp_path), 128)
+    seqs = BATCHES.pairs(DATA.token_cache(DATA.local([pairs]), tokenizer, tmp_path), 128)
     reference = torch.randn(4, 2, generator=torch.Generator().manual_seed(3)) - 5.0
     batch = BATCHES.collate(BATCHES.gather(seqs, range(4)), tokenizer.pad_token_id)
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
@@ -211,7 +211,7 @@ def test_the_loss_equals_trls_dpo_trainer(base, tmp_path):
     trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(lines),
                              processing_class=tokenizer)
     theirs = trainer.compute_loss(trainer.model, trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
-    seqs = BATCHES.pairs(DATA.token_cache([str(four)], tokenizer, tmp_path / "cache"), 128)
+    seqs = BATCHES.pairs(DATA.token_cache(DATA.local([four]), tokenizer, tmp_path / "cache"), 128)
     batch = BATCHES.collate(BATCHES.gather(seqs, range(4)), tokenizer.pad_token_id)
     logps = [PREFERENCE.answer_logps(m(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                        use_cache=False).logits, batch["labels"], batch["position_ids"])

@@ -1,0 +1,422 @@
+"""Where training data lives, read as rows: each row a dict of the keys a .jsonl line may hold (KEYS), with
+where it came from ("file:line", or "file: row N"), so that every error names it. DATA.py parses the rows
+into samples and tokenizes them into its cache.
+
+    a.txt                      a non-empty line is a row {"text": line}
+    a.jsonl                    a line is a JSON object
+    a.json                     an array of JSON objects
+    a.csv  a.tsv               a header, then a row per record (, ; tab or | - the one the header is split by)
+    a.parquet                  read one row group at a time (pyarrow)
+    any of the first five + .gz or .zst   (gzip; zstandard)
+    FOLDER                     shards: its data files and its subfolders', all of one format, in name order
+    FOLDER from save_to_disk   a datasets.Dataset, or a DatasetDict's split (data.split)
+    FOLDER with splits         a dataset repository (files named train…, test…, or a card with configs:)
+    owner/name                 a Hub dataset: not a file or folder here, and shaped like a Hub id
+
+A dataset repository, local or on the Hub, is read with the `datasets` library (its split, subset and
+revision); everything else is read here, and `datasets` is needed only for those and for save_to_disk folders.
+"""
+import codecs
+import contextlib
+import csv
+import dataclasses
+import gzip
+import hashlib
+import importlib.util
+import io
+import itertools
+import json
+import os
+import re
+import socket
+import urllib.parse
+from typing import Optional
+
+from CONFIG import UserError, first_line, need, suggest
+
+KEYS = ("text", "messages", "prompt", "completion", "chosen", "rejected", "instruction", "input", "output")
+FORMATS = ("txt", "jsonl", "json", "csv", "tsv", "parquet")
+COMPRESSIONS = (".gz", ".zst")
+# how `datasets` finds splits by file and folder names (train-00000-of-00002.parquet, data/test/x.csv, dev.jsonl)
+SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "test": "test", "testing": "test", "eval": "test",
+               "evaluation": "test"}
+SPLIT_PART = re.compile(r"(?P<split>[a-z]+)([-_.\d]|$)")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+HUB_RULE = "a --data value is read from the Hub only when it is neither a file nor a folder here and has a Hub id's form"
+BATCH = 4096  # rows read at a time from columnar data
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One --data value, resolved: what is read and how. Every field but name makes its rows what they are,
+    so fingerprint() is a key of them."""
+    name: str                       # as the user wrote it
+    format: str                     # one of FORMATS (files), "saved" (save_to_disk) or "repo" (datasets)
+    files: tuple = ()               # the files read, in order; a Hub dataset's are hf://…@commit/… paths
+    columns: tuple = ()             # ((key, column or None), …): data.columns
+    max_samples: Optional[int] = None
+    split: Optional[str] = None     # saved and repo only
+    subset: Optional[str] = None
+    revision: Optional[str] = None
+    streaming: bool = False
+
+    def label(self):
+        return f"{self.name}[{self.split}]" if self.split else self.name
+
+
+def resolve(name, dcfg, split):
+    """The Source that --data value `name` names (split: data.split, or data.val_split for --val-data)."""
+    columns = check_columns(dcfg.columns)
+    common = dict(columns=columns, max_samples=dcfg.max_samples)
+    if os.path.isfile(name):
+        return Source(name, format_of(name), (name,), **common)
+    if os.path.isdir(name):
+        return folder(name, dcfg, split, common)
+    if format_of(name, known_only=False) or not HUB_ID.fullmatch(name) or name.startswith((".", "/")):
+        raise UserError(f"{name}: no such file or folder - check the path given to --data / data.files ({HUB_RULE}, "
+                        "owner/name)")
+    if not importlib.util.find_spec("datasets"):
+        raise UserError(f"{name}: no such file or folder - check the path given to --data / data.files (to read it "
+                        "as a Hub dataset id: pip install datasets)")
+    return repository(name, dcfg, split, common)
+
+
+def check_columns(columns):
+    """data.columns as sorted (key, column or None) pairs, each key one of KEYS."""
+    for key, column in columns.items():
+        if key not in KEYS:
+            raise UserError(f"data.columns: {key!r} is not a key a row can have ({', '.join(KEYS)})"
+                            f"{suggest(str(key), list(KEYS))}")
+        if column is not None and not isinstance(column, str):
+            raise UserError(f"data.columns: {key}: {column!r} - give a column name, or nothing to ignore the column")
+    return tuple(sorted(columns.items()))
+
+
+def format_of(path, known_only=True):
+    """txt, jsonl, json, csv, tsv or parquet, by the name's suffix (.gz/.zst after it: compressed)."""
+    base = next((path[:-len(c)] for c in COMPRESSIONS if path.endswith(c)), path)
+    fmt = os.path.splitext(base)[1].lstrip(".").lower()
+    if fmt in FORMATS and not (fmt == "parquet" and base != path):
+        return fmt
+    if known_only:
+        raise UserError(f"{path}: unsupported file type - use .txt, .jsonl, .json, .csv, .tsv or .parquet (the "
+                        "first five may end in .gz or .zst), or a folder of them")
+    return None
+
+
+def folder(name, dcfg, split, common):
+    """A folder: save_to_disk output, a dataset repository (files named by split), or shards of one format."""
+    top = set(os.listdir(name))
+    if "dataset_dict.json" in top or {"state.json", "dataset_info.json"} <= top:
+        return saved(name, split, common)
+    files = []
+    for here, dirs, names in os.walk(name):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]  # data/.cache, .git, __pycache__
+        files += [os.path.join(here, n) for n in names if not n.startswith((".", "_"))]
+    data = sorted((f for f in files if format_of(f, known_only=False)), key=lambda f: os.path.relpath(f, name))
+    if by_split(data, name) or has_configs(os.path.join(name, "README.md")):
+        return repository(name, dcfg, split, common)
+    if not data:
+        raise UserError(f"{name}: no data files in this folder (.txt, .jsonl, .json, .csv, .tsv, .parquet) - "
+                        "pass a folder that holds some")
+    formats = sorted({format_of(f) for f in data})
+    if len(formats) > 1:
+        count = ", ".join(f"{sum(format_of(f) == x for f in data)} .{x}" for x in formats)
+        raise UserError(f"{name}: mixed formats in one folder ({count}) - keep one format per folder, or pass "
+                        "the files")
+    return Source(name, formats[0], tuple(data), **common)
+
+
+def by_split(files, root):
+    """Whether the files are named for more than one split, as a dataset repository's are."""
+    found = set()
+    for f in files:
+        for part in os.path.relpath(f, root).lower().split(os.sep):
+            m = SPLIT_PART.match(part)
+            if m and m["split"] in SPLIT_NAMES:
+                found.add(SPLIT_NAMES[m["split"]])
+                break
+    return len(found) > 1
+
+
+def has_configs(readme):
+    """Whether a dataset card declares its configs (and so its splits) in its YAML header."""
+    if not os.path.isfile(readme):
+        return False
+    with open(readme, encoding="utf-8", errors="replace") as fh:
+        head = fh.read(1 << 16)
+    return head.startswith("---") and re.search(r"^configs:", head.split("\n---", 1)[0], re.M) is not None
+
+
+def saved(name, split, common):
+    """A folder written by datasets' save_to_disk: a Dataset, or a DatasetDict whose split is read."""
+    ds = open_saved(name)
+    if hasattr(ds, "keys"):  # a DatasetDict
+        if split not in ds:
+            raise UserError(f"{name}: no split {split!r} in this dataset (it has: {', '.join(ds)}) - pass "
+                            f"--data-split{suggest(split, list(ds))}")
+        name_of = os.path.join(name, split)
+    else:
+        split, name_of = None, name
+    files = sorted(os.path.join(name_of, f) for f in os.listdir(name_of) if f.endswith((".arrow", ".json")))
+    return Source(name, "saved", tuple(files), split=split, **common)
+
+
+def open_saved(name):
+    datasets = need("datasets", f"{name}: a save_to_disk folder", "datasets")
+    try:
+        return datasets.load_from_disk(name)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{name}: not a readable save_to_disk folder ({first_line(e, 160)}) - write it again with "
+                        "save_to_disk")
+
+
+def repository(name, dcfg, split, common):
+    """A dataset repository, local or on the Hub, as `datasets` resolves it: the split's files (at the commit
+    the revision names), so the cache is rebuilt when the dataset changes."""
+    builder = open_repository(name, dcfg.subset, dcfg.revision)
+    files = builder.config.data_files or {}
+    if split not in files:
+        raise UserError(f"{name}: no split {split!r} (it has: {', '.join(files) or 'none'}) - pass --data-split"
+                        f"{suggest(split, list(files))}")
+    return Source(name, "repo", tuple(str(f) for f in files[split]), split=split, subset=dcfg.subset,
+                  revision=dcfg.revision, streaming=dcfg.streaming, **common)
+
+
+def open_repository(name, subset, revision):
+    datasets = need("datasets", f"{name}: a dataset repository or Hub dataset", "datasets")
+    datasets.disable_progress_bars()  # our log is the progress
+    if not os.path.isdir(name):
+        check_reachable(name)
+    try:
+        return datasets.load_dataset_builder(name, subset, revision=revision)
+    except ConnectionError as e:  # offline (HF_HUB_OFFLINE) and not in the cache
+        raise UserError(f"{name}: the Hub cannot be reached and the dataset is not in the Hugging Face cache "
+                        f"({first_line(e, 120)}) - {LOCAL_COPY.format(name=name)}")
+    except ValueError as e:  # a subset that does not exist names those that do
+        raise UserError(f"{name}: {first_line(e, 300)} - pass --data-subset")
+    except (FileNotFoundError, OSError) as e:
+        raise UserError(f"{name}: no such dataset ({first_line(e, 160)}) - check the name ({HUB_RULE})")
+
+
+LOCAL_COPY = ("download it where there is a network (hf download {name} --repo-type dataset --local-dir DIR) and "
+              "pass --data DIR")
+
+
+def check_reachable(name):
+    """Fail at once, not after a minute of retries, when the Hub cannot be reached (HF_HUB_OFFLINE: the
+    `datasets` cache is used and this check skipped)."""
+    hub = need("huggingface_hub", "a Hub dataset", "huggingface_hub")
+    if hub.constants.HF_HUB_OFFLINE:
+        return
+    url = urllib.parse.urlparse(hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError:
+        raise UserError(f"{name}: not a file or folder here, so read as a Hub dataset id ({HUB_RULE}), and "
+                        f"{url.hostname} cannot be reached - {LOCAL_COPY.format(name=name)}")
+
+
+def fingerprint(sources, *extra):
+    """A key that changes when any source (its files: path, size, mtime, first and last 64 KiB; a Hub dataset's
+    commit and split; the column map; max_samples) or `extra` changes."""
+    h = hashlib.sha256(json.dumps([str(e) for e in extra]).encode())
+    for s in sources:
+        h.update(json.dumps([s.format, s.columns, s.max_samples, s.split, s.subset, s.revision]).encode())
+        for f in s.files:
+            if not os.path.isfile(f):  # a Hub dataset's file: its path holds the commit
+                h.update(f.encode())
+                continue
+            st = os.stat(f)
+            h.update(f"{os.path.realpath(f)}|{st.st_size}|{st.st_mtime_ns}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 16))
+                fh.seek(max(0, st.st_size - (1 << 16)))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- rows
+
+def rows(source):
+    """Yield (row, where) for every row of a source, in order: at most max_samples, each with LLM-MINI's keys
+    (data.columns applied: a key mapped to a column reads that column, a key mapped to nothing is dropped)."""
+    mapped = {key: column for key, column in source.columns if column}
+    wanted = {*mapped.values(), *(k for k in KEYS if k not in dict(source.columns))}
+
+    def select(columns, where):  # the columns worth reading, after checking that the map fits them
+        for key, column in mapped.items():
+            if column not in columns:
+                raise UserError(f"data.columns: {key}={column}, but {where} has no column {column!r} (it has: "
+                                f"{', '.join(columns)}){suggest(column, list(columns))}")
+        if not wanted & set(columns):
+            raise UserError(unreadable(where, columns))
+        return [c for c in columns if c in wanted]
+    if source.format in ("saved", "repo"):
+        found = dataset_rows(source, select)
+    else:
+        reader = {"txt": text_rows, "jsonl": jsonl_rows, "json": json_rows, "csv": csv_rows, "tsv": csv_rows,
+                  "parquet": parquet_rows}[source.format]
+        found = itertools.chain.from_iterable(reader(f, select) for f in source.files)
+    own = [k for k in KEYS if k not in dict(source.columns)]  # keys read under their own name
+    for row, where in itertools.islice(found, source.max_samples):
+        if isinstance(row, dict):  # anything else is for CHAT.parse to refuse, naming where
+            row = {k: row[k] for k in own if k in row} | {k: row[c] for k, c in mapped.items() if c in row}
+        yield row, where
+
+
+def unreadable(where, columns):
+    """The error for data with none of the keys: its columns, and the --columns that would map them."""
+    close = [(k, c) for c in columns for k in KEYS if suggest(c, [k])]
+    hint = f"did you mean --columns {close[0][0]}={close[0][1]}?" if close else (
+        f"map one, e.g. --columns text={columns[0]}" if columns else "give each row a text field")
+    return (f"{where}: none of the fields LLM-MINI reads ({', '.join(KEYS[:6])}, …); it has: "
+            f"{', '.join(columns) or 'none'} - {hint}")
+
+
+@contextlib.contextmanager
+def opened(path):
+    """A data file as bytes, decompressed (.gz, .zst)."""
+    damaged = ()
+    if path.endswith(".gz"):
+        fh, damaged = gzip.open(path, "rb"), (OSError, EOFError)  # truncated, or not gzip at all
+    elif path.endswith(".zst"):
+        zstandard = need("zstandard", f"{path}: a .zst file", "zstandard")
+        damaged = (OSError, EOFError, zstandard.ZstdError)
+        fh = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,
+                                                                           closefd=True))
+    else:
+        fh = open(path, "rb")
+    try:
+        yield fh
+    except damaged as e:
+        raise UserError(f"{path}: cannot be decompressed ({first_line(e, 120)}) - the file is damaged or truncated")
+    finally:
+        fh.close()
+
+
+def lines(path):
+    """(line number, text) of a text file, UTF-8 (a leading BOM dropped), errors naming the line."""
+    with opened(path) as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield lineno, raw.decode("utf-8").removeprefix("\ufeff") if lineno == 1 else raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: invalid UTF-8 (byte {e.start + 1} of the line) - re-save the "
+                                "file as UTF-8")
+
+
+def text_rows(path, select):
+    for lineno, line in lines(path):
+        if line.strip():
+            yield {"text": line.rstrip("\r\n")}, f"{path}:{lineno}"
+
+
+def jsonl_rows(path, select):
+    first = True
+    for lineno, line in lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: invalid JSON ({e.msg}, column {e.colno}) - each line must be one JSON object "
+                            "like {\"text\": \"…\"}")
+        if first and isinstance(row, dict):
+            select(list(row), where)
+        first = False
+        yield row, where
+
+
+def json_rows(path, select):
+    """A .json file: one array of objects, read whole (a large set is better as .jsonl or Parquet)."""
+    with opened(path) as fh:
+        raw = fh.read()
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: invalid UTF-8 (byte {e.start + 1}) - re-save the file as UTF-8")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}) - the file must be one array "
+                        "of objects")
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected an array of objects [{{…}}, …], got a {type(data).__name__} - for one "
+                        "object per line name the file .jsonl")
+    for n, row in enumerate(data, 1):
+        if n == 1 and isinstance(row, dict):
+            select(list(row), f"{path}: row 1")
+        yield row, f"{path}: row {n:,}"
+
+
+def csv_rows(path, select):
+    """A header, then one row per record; quoted fields may hold newlines and separators. The separator of a
+    .csv is the one of , ; tab | that the header holds most of."""
+    csv.field_size_limit(1 << 30)  # a document in a cell may be longer than csv's 128 KiB default
+    with opened(path) as raw:
+        fh, reader = codecs.getreader("utf-8-sig")(raw), csv.reader([])
+        try:
+            header = fh.readline()
+            sep = "\t" if format_of(path) == "tsv" else max(",;\t|", key=header.count)
+            reader = csv.reader(itertools.chain([header], fh), delimiter=sep)
+            columns = next(reader, [])
+            select(columns, f"{path}: the header")
+            n, line = 0, reader.line_num
+            for record in reader:
+                start, line = line + 1, reader.line_num
+                if not record:
+                    continue
+                n += 1
+                where = f"{path}: row {n:,} (line {start})"
+                if len(record) != len(columns):
+                    raise UserError(f"{where}: {len(record)} fields, the header has {len(columns)} - quote fields "
+                                    f"that hold {sep!r} or a line break")
+                yield dict(zip(columns, record)), where
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: invalid UTF-8 after line {reader.line_num} - re-save the file as UTF-8")
+        except csv.Error as e:
+            raise UserError(f"{path}:{reader.line_num}: {e} - check the quoting near that line")
+
+
+def parquet_rows(path, select):
+    """A Parquet file, one row group at a time and only the columns read, so memory stays flat."""
+    pq = need("pyarrow.parquet", f"{path}: a Parquet file", "pyarrow")
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's ArrowInvalid/OSError for a file that is not Parquet or cut short
+        raise UserError(f"{path}: not a readable Parquet file ({first_line(e, 120)}) - the file is damaged or "
+                        "truncated; download or write it again")
+    columns = select(pf.schema_arrow.names, path)
+    n = 0
+    for group in range(pf.num_row_groups):
+        try:
+            for batch in pf.iter_batches(batch_size=BATCH, row_groups=[group], columns=columns):
+                for row in batch.to_pylist():
+                    n += 1
+                    yield row, f"{path}: row {n:,}"
+        except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
+            raise UserError(f"{path}: row group {group + 1} of {pf.num_row_groups} cannot be read "
+                            f"({first_line(e, 120)}) - the file is damaged or truncated; download or write it again")
+
+
+def dataset_rows(source, select):
+    """The rows of a save_to_disk folder or a dataset repository (streamed with data.streaming), in order."""
+    if source.format == "saved":
+        ds = open_saved(source.name)
+        ds = ds[source.split] if source.split else ds
+    else:
+        builder = open_repository(source.name, source.subset, source.revision)
+        if source.streaming:
+            ds = builder.as_streaming_dataset(split=source.split)
+        else:
+            builder.download_and_prepare()
+            ds = builder.as_dataset(split=source.split)
+    where = source.label()
+    if ds.column_names is not None:  # a streamed dataset may not know its columns before its first row
+        ds = ds.select_columns(select(ds.column_names, where))
+    n = 0
+    for table in ds.with_format("arrow").iter(batch_size=BATCH):
+        for row in table.to_pylist():
+            n += 1
+            yield row, f"{where}: row {n:,}"
