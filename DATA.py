@@ -1,4 +1,4 @@
-"""Training data in: the samples of every source (SOURCES.py: files in eight formats, folders of shards,
+"""Training data in: the samples of every source (SOURCES.py: files of six formats, folders of shards,
 save_to_disk folders, Hub datasets), each row read as CHAT.py reads a .jsonl line (every error names where),
 and the token cache, the samples tokenized once into memory-mapped arrays with their target mask. BATCHES.py
 cuts the cache into batches.
@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -113,34 +114,40 @@ def token_cache(sources, tokenizer, cache_dir, loss_on=None, chunk=4096):
 
 
 def write_cache(tmp, sources, tokenizer, loss_on, chunk):
-    """Stream the sources through CHAT.encode into the cache folder `tmp`, one chunk of samples at a time.
-    -> (documents, tokens)"""
+    """Stream the sources through CHAT.encode into the cache folder `tmp`, one chunk of samples at a time. A chunk
+    is tokenized in a second thread while the next one is read and the one before written: the tokenizer leaves
+    Python's lock while it encodes, so reading and writing overlap it. -> (documents, tokens)"""
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
     os.makedirs(tmp)
-    n_tokens, counts, kinds, buf = 0, [0] * len(sources), [None] * len(sources), []
-    with open(os.path.join(tmp, "tokens.bin"), "wb") as tok_fh, open(os.path.join(tmp, "mask.bin"), "wb") as mask_fh, \
-            open(os.path.join(tmp, "ends.bin"), "wb") as end_fh:
+    kinds, counts = [None] * len(sources), [0] * len(sources)
 
-        def flush():
-            nonlocal n_tokens
-            docs = encode(buf, tokenizer, loss_on)
-            lengths = np.fromiter(map(len, (d[0] for d in docs)), dtype=np.int64, count=len(docs))
-            for column, fh, out_dtype in ((0, tok_fh, dtype), (1, mask_fh, np.uint8)):
-                np.fromiter(itertools.chain.from_iterable(d[column] for d in docs), dtype=out_dtype,
-                            count=int(lengths.sum())).tofile(fh)
-            (n_tokens + np.cumsum(lengths)).tofile(end_fh)
-            n_tokens += int(lengths.sum())
-            buf.clear()
+    def samples():  # every sample, in order, noting each source's kind and its documents (a pair: two answers)
         for i, source in enumerate(sources):
             for sample in read_samples(source):
-                buf.append(sample)
-                kinds[i] = sample[0]
-                counts[i] += 2 if sample[0] == "preference" else 1  # documents: a pair's two answers
-                if len(buf) == chunk:
-                    flush()
-        if buf:
-            flush()
+                kinds[i], counts[i] = sample[0], counts[i] + (2 if sample[0] == "preference" else 1)
+                yield sample
+    stream, n_tokens, pending = samples(), 0, None
+    with open(os.path.join(tmp, "tokens.bin"), "wb") as tok_fh, open(os.path.join(tmp, "mask.bin"), "wb") as mask_fh, \
+            open(os.path.join(tmp, "ends.bin"), "wb") as end_fh, ThreadPoolExecutor(1) as tokenizing:
+        for batch in iter(lambda: list(itertools.islice(stream, chunk)), []):
+            job = tokenizing.submit(encode, batch, tokenizer, loss_on)
+            if pending:
+                n_tokens = append(pending.result(), n_tokens, (tok_fh, mask_fh, end_fh), dtype)
+            pending = job
+        if pending:
+            n_tokens = append(pending.result(), n_tokens, (tok_fh, mask_fh, end_fh), dtype)
     with open(os.path.join(tmp, "meta.json"), "w") as fh:
         json.dump({"files": [{"path": s.label(), "kind": k, "documents": n} for s, k, n in zip(sources, kinds, counts)],
                    "tokens": n_tokens, "documents": sum(counts), "dtype": np.dtype(dtype).name}, fh)
     return sum(counts), n_tokens
+
+
+def append(docs, n_tokens, files, dtype):
+    """Write encoded documents [(ids, mask, _)] to the open tokens, mask and ends files. -> tokens written in all"""
+    tok_fh, mask_fh, end_fh = files
+    lengths = np.fromiter(map(len, (d[0] for d in docs)), dtype=np.int64, count=len(docs))
+    for column, fh, out_dtype in ((0, tok_fh, dtype), (1, mask_fh, np.uint8)):
+        np.fromiter(itertools.chain.from_iterable(d[column] for d in docs), dtype=out_dtype,
+                    count=int(lengths.sum())).tofile(fh)
+    (n_tokens + np.cumsum(lengths)).tofile(end_fh)
+    return n_tokens + int(lengths.sum())

@@ -1,7 +1,8 @@
 """Tokenization throughput and memory of DATA.py's token cache, against the `datasets` library.
 
-    pip install datasets            # the baseline (optional; only this bench needs it)
+    pip install datasets pyarrow    # the baseline, and Parquet (optional; only this bench needs datasets)
     python bench/data_throughput.py [--gb 1.0] [--slice-mb 100] [--repeats 3] [--work /tmp/llm-mini-bench]
+                                    [--part all|jsonl|parquet]
 
 1. Generates a .jsonl of --gb GB (documents of 1-12 random lines of data/, not committed).
 2. Speed on the first --slice-mb MB, interleaved, median of --repeats: DATA.token_cache (streamed,
@@ -10,6 +11,9 @@
 3. Peak RSS of a fresh process tokenizing the whole file, then of 50 training steps on it (a 10M GPT-2
    from scratch, packing, batch 8 x 256 tokens), against the 2 GB budget.
 4. The data loader's share of step time: sample order + gather from the memory map + collate, per step.
+5. Parquet: the same rows as a folder of Parquet shards (row groups of 10,000 rows); the whole folder through
+   DATA.token_cache (read a row group at a time) vs datasets' load_dataset("parquet") + map(tokenizer,
+   batched=True, num_proc=cores), one fresh process each, and the peak RSS of ours.
 """
 import argparse
 import json
@@ -43,6 +47,14 @@ tok = AutoTokenizer.from_pretrained(sys.argv[2])
 corpus = token_cache(local([sys.argv[3]]), tok, sys.argv[4])
 print('TOKENS', len(corpus.tokens))"""
 
+BASELINE_PARQUET = """import os, glob
+from datasets import load_dataset
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[2])
+ds = load_dataset('parquet', data_files=sorted(glob.glob(sys.argv[3] + '/*.parquet')), split='train', cache_dir=sys.argv[4])
+ds = ds.map(lambda b: tok(b['text']), batched=True, num_proc=os.cpu_count(), remove_columns=['text'])
+print('TOKENS', sum(map(len, ds['input_ids'])))"""
+
 BASELINE = """import os
 from datasets import load_dataset
 from transformers import AutoTokenizer
@@ -58,6 +70,7 @@ def main():
     ap.add_argument("--slice-mb", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", default="/tmp/llm-mini-bench")
+    ap.add_argument("--part", choices=["all", "jsonl", "parquet"], default="all")
     args = ap.parse_args()
     from DATA import iter_texts, local
     from TOKENIZER import train_tokenizer
@@ -72,10 +85,62 @@ def main():
                 fh.write("".join(json.dumps({"text": " ".join(rng.choices(lines, k=rng.randint(1, 12)))}) + "\n"
                                  for _ in range(10_000)))
     with open(big, "rb") as src, open(small, "wb") as dst:
-        while dst.tell() < args.slice_mb * 1e6:
-            dst.write(src.readline())
+        for line in src:  # the first --slice-mb MB (or all of a smaller file)
+            if dst.tell() >= args.slice_mb * 1e6:
+                break
+            dst.write(line)
     mb_small, mb_big = os.path.getsize(small) / 1e6, os.path.getsize(big) / 1e6
+    if args.part in ("all", "jsonl"):
+        jsonl(args, tok_dir, big, small, mb_small, mb_big)
+    if args.part in ("all", "parquet"):
+        parquet(args, tok_dir, big, mb_big)
 
+
+def parquet(args, tok_dir, big, mb_big):
+    """The .jsonl's rows as Parquet shards of about 100 MB; the whole folder through both, once each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder = os.path.join(args.work, "parquet")
+    if not os.path.exists(os.path.join(folder, "done")):
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        shard, size, rows, writer = 0, 0, [], None
+        with open(big) as fh:
+            for line in fh:
+                rows.append(json.loads(line)["text"])
+                size += len(line)
+                if len(rows) == 10_000:
+                    writer = writer or pq.ParquetWriter(os.path.join(folder, f"{shard:05d}.parquet"),
+                                                        pa.schema([("text", pa.string())]))
+                    writer.write_table(pa.table({"text": pa.array(rows, pa.string())}))
+                    rows = []
+                    if size > 100e6:
+                        writer.close()
+                        shard, size, writer = shard + 1, 0, None
+        if rows:
+            writer = writer or pq.ParquetWriter(os.path.join(folder, f"{shard:05d}.parquet"),
+                                                pa.schema([("text", pa.string())]))
+            writer.write_table(pa.table({"text": pa.array(rows, pa.string())}))
+        if writer:
+            writer.close()
+        open(os.path.join(folder, "done"), "w").close()
+    files = [f for f in os.listdir(folder) if f.endswith(".parquet")]
+    mb = sum(os.path.getsize(os.path.join(folder, f)) for f in files) / 1e6
+    shutil.rmtree(os.path.join(args.work, "cache-parquet"), ignore_errors=True)
+    shutil.rmtree(os.path.join(args.work, "ds-cache-parquet"), ignore_errors=True)
+    t_ours, rss, out = child(OURS, tok_dir, folder, os.path.join(args.work, "cache-parquet"))
+    n_tok = int(out.split("TOKENS ")[1].split()[0])
+    t_base, rss_base, out = child(BASELINE_PARQUET, tok_dir, folder, os.path.join(args.work, "ds-cache-parquet"))
+    assert int(out.split("TOKENS ")[1].split()[0]) == n_tok - sum(1 for _ in open(big)), "not the same tokens"
+    print(f"Parquet: {len(files)} shards, {mb:.0f} MB on disk ({mb_big:.0f} MB as .jsonl), {n_tok / 1e6:.0f}M tokens, "
+          f"{os.cpu_count()} cores, one fresh process each, process start included:")
+    print(f"  DATA.token_cache   {n_tok / t_ours / 1e6:6.2f}M tok/s ({t_ours:.0f} s)  peak RSS {rss:6.0f} MB")
+    print(f"  datasets map       {n_tok / t_base / 1e6:6.2f}M tok/s ({t_base:.0f} s)  peak RSS {rss_base:6.0f} MB "
+          "(main process only)")
+    print(f"  ratio (ours / datasets) {t_base / t_ours:.2f}x")
+
+
+def jsonl(args, tok_dir, big, small, mb_small, mb_big):
     ours, base = [], []
     for _ in range(args.repeats):
         shutil.rmtree(os.path.join(args.work, "cache-slice"), ignore_errors=True)

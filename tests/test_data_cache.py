@@ -129,3 +129,14 @@ def test_second_run_reuses_the_cache(tmp_path):
 def test_packed_training_runs_and_logs_token_counts(tmp_path):
     r = train(tmp_path / "out", "--max-steps", "2", "--packing")
     assert "packed blocks of <= 48 tokens" in r.stderr
+
+
+def test_the_cache_tokenizes_as_transformers_does_when_the_tokenizer_file_sets_truncation(tmp_path, tok):
+    """The cache encodes with the tokenizers library directly; a tokenizer.json that truncates (as some models'
+    do) is encoded as transformers encodes it, whole."""
+    texts = ["the cat sat on the mat and then it sat on the mat again " * 4, "a dog"]
+    truncating = AutoTokenizer.from_pretrained(tok.name_or_path)
+    truncating.backend_tokenizer.enable_truncation(8)
+    c = token_cache(local([write(tmp_path / "a.txt", texts)]), truncating, str(tmp_path / "c"))
+    expected = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
+    assert len(expected[0]) > 9 and c.tokens.tolist() == sum(expected, [])
