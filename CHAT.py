@@ -206,13 +206,13 @@ def encode(samples, tokenizer, loss_on=None):
         for text, _, targets in parts:
             part_ids, offsets = encoded[k]
             k += 1
-            ids += part_ids
             if isinstance(targets, list):
-                mask += [int(any(a <= start < b for a, b in targets)) for start, _ in offsets]
+                part_mask = [int(any(a <= start < b for a, b in targets)) for start, _ in offsets]
                 n_bytes += sum(len(text[a:b].encode("utf-8")) for a, b in targets)
             else:
-                mask += [int(targets)] * len(part_ids)
+                part_mask = [int(targets)] * len(part_ids)
                 n_bytes += len(text.encode("utf-8")) if targets else 0
+            ids, mask = (ids + part_ids, mask + part_mask) if ids else (part_ids, part_mask)  # one part: no copy
         if add_eos and (not ids or ids[-1] != eos):
             ids.append(eos)  # ids and mask are this document's own lists
             mask.append(1)

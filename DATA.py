@@ -6,6 +6,7 @@ cuts the cache into batches.
 A row holds {"text"}, {"messages"}, {"prompt", "completion"}, Alpaca's fields or a preference pair
 {"prompt", "chosen", "rejected"} (CHAT.py); the first sample of a source sets its kind.
 """
+import collections
 import dataclasses
 import hashlib
 import itertools
@@ -21,6 +22,7 @@ from CHAT import encode, parse, texts_of
 from CONFIG import DataCfg, UserError, log
 from SOURCES import fingerprint, resolve, rows
 
+THREADS = 2  # chunks tokenized at once: while one is in the tokenizer (all cores), the other's Python work runs
 CACHE_FORMAT = 3  # tokens + target mask + document ends; sources resolved by SOURCES.py
 
 
@@ -126,16 +128,15 @@ def write_cache(tmp, sources, tokenizer, loss_on, chunk):
             for sample in read_samples(source):
                 kinds[i], counts[i] = sample[0], counts[i] + (2 if sample[0] == "preference" else 1)
                 yield sample
-    stream, n_tokens, pending = samples(), 0, None
+    stream, n_tokens, jobs = samples(), 0, collections.deque()
     with open(os.path.join(tmp, "tokens.bin"), "wb") as tok_fh, open(os.path.join(tmp, "mask.bin"), "wb") as mask_fh, \
-            open(os.path.join(tmp, "ends.bin"), "wb") as end_fh, ThreadPoolExecutor(1) as tokenizing:
+            open(os.path.join(tmp, "ends.bin"), "wb") as end_fh, ThreadPoolExecutor(THREADS) as tokenizing:
         for batch in iter(lambda: list(itertools.islice(stream, chunk)), []):
-            job = tokenizing.submit(encode, batch, tokenizer, loss_on)
-            if pending:
-                n_tokens = append(pending.result(), n_tokens, (tok_fh, mask_fh, end_fh), dtype)
-            pending = job
-        if pending:
-            n_tokens = append(pending.result(), n_tokens, (tok_fh, mask_fh, end_fh), dtype)
+            jobs.append(tokenizing.submit(encode, batch, tokenizer, loss_on))
+            if len(jobs) > THREADS:  # written in order, as each oldest chunk is done
+                n_tokens = append(jobs.popleft().result(), n_tokens, (tok_fh, mask_fh, end_fh), dtype)
+        for job in jobs:
+            n_tokens = append(job.result(), n_tokens, (tok_fh, mask_fh, end_fh), dtype)
     with open(os.path.join(tmp, "meta.json"), "w") as fh:
         json.dump({"files": [{"path": s.label(), "kind": k, "documents": n} for s, k, n in zip(sources, kinds, counts)],
                    "tokens": n_tokens, "documents": sum(counts), "dtype": np.dtype(dtype).name}, fh)

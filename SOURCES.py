@@ -89,7 +89,8 @@ def check_columns(columns):
             raise UserError(f"data.columns: {key!r} is not a key a row can have ({', '.join(KEYS)})"
                             f"{suggest(str(key), list(KEYS))}")
         if column is not None and not isinstance(column, str):
-            raise UserError(f"data.columns: {key}: {column!r} - give a column name, or nothing to ignore the column")
+            raise UserError(f"data.columns: {key}: {column!r} - give a column name (quoted if it is a number: "
+                            f"{key}='{column}'), or nothing to ignore the column")
     return tuple(sorted(columns.items()))
 
 
@@ -392,7 +393,7 @@ def parquet_rows(path, select):
     for group in range(pf.num_row_groups):
         try:
             for batch in pf.iter_batches(batch_size=BATCH, row_groups=[group], columns=columns):
-                for row in batch.to_pylist():
+                for row in as_dicts(batch):
                     n += 1
                     yield row, f"{path}: row {n:,}"
         except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
@@ -417,6 +418,12 @@ def dataset_rows(source, select):
         ds = ds.select_columns(select(ds.column_names, where))
     n = 0
     for table in ds.with_format("arrow").iter(batch_size=BATCH):
-        for row in table.to_pylist():
+        for row in as_dicts(table):
             n += 1
             yield row, f"{where}: row {n:,}"
+
+
+def as_dicts(table):
+    """An Arrow table or record batch as a dict per row (column by column: three times faster than to_pylist)."""
+    names = table.schema.names
+    return [dict(zip(names, values)) for values in zip(*(column.to_pylist() for column in table.columns))]
