@@ -48,20 +48,22 @@ corpus = token_cache(local([sys.argv[3]]), tok, sys.argv[4])
 print('TOKENS', len(corpus.tokens))"""
 
 BASELINE_PARQUET = """import os, glob
+import pyarrow.compute as pc
 from datasets import load_dataset
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained(sys.argv[2])
 ds = load_dataset('parquet', data_files=sorted(glob.glob(sys.argv[3] + '/*.parquet')), split='train', cache_dir=sys.argv[4])
 ds = ds.map(lambda b: tok(b['text']), batched=True, num_proc=os.cpu_count(), remove_columns=['text'])
-print('TOKENS', sum(map(len, ds['input_ids'])))"""
+print('TOKENS', pc.sum(pc.list_value_length(ds.data.column('input_ids'))).as_py())  # in Arrow"""
 
 BASELINE = """import os
+import pyarrow.compute as pc
 from datasets import load_dataset
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained(sys.argv[2])
 ds = load_dataset('json', data_files=sys.argv[3], split='train', cache_dir=sys.argv[4])
 ds = ds.map(lambda b: tok(b['text']), batched=True, num_proc=os.cpu_count(), remove_columns=['text'])
-print('TOKENS', sum(map(len, ds['input_ids'])))"""
+print('TOKENS', pc.sum(pc.list_value_length(ds.data.column('input_ids'))).as_py())  # in Arrow"""
 
 
 def main():
