@@ -244,27 +244,43 @@ def rows(source):
     """Yield (row, where) for every row of a source, in order: at most max_samples, each with LLM-MINI's keys
     (data.columns applied: a key mapped to a column reads that column, a key mapped to nothing is dropped)."""
     mapped = {key: column for key, column in source.columns if column}
-    wanted = {*mapped.values(), *(k for k in KEYS if k not in dict(source.columns))}
+    own = [k for k in KEYS if k not in dict(source.columns)]  # keys read under their own name
+    key_of = {column: key for key, column in mapped.items()} | {k: k for k in own}
 
-    def select(columns, where):  # the columns worth reading, after checking that the map fits them
+    def select(columns, where):  # [(column, key)] worth reading, after checking that the map fits the columns
         for key, column in mapped.items():
             if column not in columns:
                 raise UserError(f"data.columns: {key}={column}, but {where} has no column {column!r} (it has: "
                                 f"{', '.join(columns)}){suggest(column, list(columns))}")
-        if not wanted & set(columns):
+        if not set(key_of) & set(columns):
             raise UserError(unreadable(where, columns))
-        return [c for c in columns if c in wanted]
+        return [(c, key_of[c]) for c in columns if c in key_of]
+
+    def rename(row):  # a JSON object, whose fields may differ from row to row
+        if not isinstance(row, dict):  # for CHAT.parse to refuse, naming where
+            return row
+        return {k: row[k] for k in own if k in row} | {k: row[c] for k, c in mapped.items() if c in row}
     if source.format in ("saved", "repo"):
         found = dataset_rows(source, select)
     else:
         reader = {"txt": text_rows, "jsonl": jsonl_rows, "json": json_rows, "csv": csv_rows, "tsv": csv_rows,
                   "parquet": parquet_rows}[source.format]
-        found = itertools.chain.from_iterable(reader(f, select) for f in source.files)
-    own = [k for k in KEYS if k not in dict(source.columns)]  # keys read under their own name
-    for row, where in itertools.islice(found, source.max_samples):
-        if isinstance(row, dict):  # anything else is for CHAT.parse to refuse, naming where
-            row = {k: row[k] for k in own if k in row} | {k: row[c] for k, c in mapped.items() if c in row}
-        yield row, where
+        found = itertools.chain.from_iterable(reader(f, select, rename) for f in source.files)
+    return itertools.islice(found, source.max_samples)
+
+
+class Where:
+    """Where a row is: "file:line", or "file: row N" (with its line in a CSV). Written out only when an error
+    names it: formatting every row's would cost a tenth of the time of reading a Parquet file."""
+    __slots__ = ("path", "row", "line")
+
+    def __init__(self, path, row=None, line=None):
+        self.path, self.row, self.line = path, row, line
+
+    def __str__(self):
+        if self.row is None:
+            return f"{self.path}:{self.line}"
+        return f"{self.path}: row {self.row:,}" + (f" (line {self.line})" if self.line else "")
 
 
 def unreadable(where, columns):
@@ -308,18 +324,18 @@ def lines(path):
                                 "file as UTF-8")
 
 
-def text_rows(path, select):
+def text_rows(path, select, rename):
     for lineno, line in lines(path):
         if line.strip():
-            yield {"text": line.rstrip("\r\n")}, f"{path}:{lineno}"
+            yield {"text": line.rstrip("\r\n")}, Where(path, line=lineno)
 
 
-def jsonl_rows(path, select):
+def jsonl_rows(path, select, rename):
     first = True
     for lineno, line in lines(path):
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
+        where = Where(path, line=lineno)
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -328,10 +344,10 @@ def jsonl_rows(path, select):
         if first and isinstance(row, dict):
             select(list(row), where)
         first = False
-        yield row, where
+        yield rename(row), where
 
 
-def json_rows(path, select):
+def json_rows(path, select, rename):
     """A .json file: one array of objects, read whole (a large set is better as .jsonl or Parquet)."""
     with opened(path) as fh:
         raw = fh.read()
@@ -347,11 +363,11 @@ def json_rows(path, select):
                         "object per line name the file .jsonl")
     for n, row in enumerate(data, 1):
         if n == 1 and isinstance(row, dict):
-            select(list(row), f"{path}: row 1")
-        yield row, f"{path}: row {n:,}"
+            select(list(row), Where(path, 1))
+        yield rename(row), Where(path, n)
 
 
-def csv_rows(path, select):
+def csv_rows(path, select, rename):
     """A header, then one row per record; quoted fields may hold newlines and separators. The separator of a
     .csv is the one of , ; tab | that the header holds most of."""
     csv.field_size_limit(1 << 30)  # a document in a cell may be longer than csv's 128 KiB default
@@ -362,25 +378,25 @@ def csv_rows(path, select):
             sep = "\t" if format_of(path) == "tsv" else max(",;\t|", key=header.count)
             reader = csv.reader(itertools.chain([header], fh), delimiter=sep)
             columns = next(reader, [])
-            select(columns, f"{path}: the header")
+            read = select(columns, f"{path}: the header")
+            at, keys = [columns.index(c) for c, _ in read], [k for _, k in read]
             n, line = 0, reader.line_num
             for record in reader:
                 start, line = line + 1, reader.line_num
                 if not record:
                     continue
                 n += 1
-                where = f"{path}: row {n:,} (line {start})"
                 if len(record) != len(columns):
-                    raise UserError(f"{where}: {len(record)} fields, the header has {len(columns)} - quote fields "
-                                    f"that hold {sep!r} or a line break")
-                yield dict(zip(columns, record)), where
+                    raise UserError(f"{Where(path, n, start)}: {len(record)} fields, the header has {len(columns)} - "
+                                    f"quote fields that hold {sep!r} or a line break")
+                yield dict(zip(keys, [record[i] for i in at])), Where(path, n, start)
         except UnicodeDecodeError:
             raise UserError(f"{path}: invalid UTF-8 after line {reader.line_num} - re-save the file as UTF-8")
         except csv.Error as e:
             raise UserError(f"{path}:{reader.line_num}: {e} - check the quoting near that line")
 
 
-def parquet_rows(path, select):
+def parquet_rows(path, select, rename):
     """A Parquet file, one row group at a time and only the columns read, so memory stays flat."""
     pq = need("pyarrow.parquet", f"{path}: a Parquet file", "pyarrow")
     try:
@@ -388,14 +404,14 @@ def parquet_rows(path, select):
     except Exception as e:  # pyarrow's ArrowInvalid/OSError for a file that is not Parquet or cut short
         raise UserError(f"{path}: not a readable Parquet file ({first_line(e, 120)}) - the file is damaged or "
                         "truncated; download or write it again")
-    columns = select(pf.schema_arrow.names, path)
+    read = select(pf.schema_arrow.names, path)
     n = 0
     for group in range(pf.num_row_groups):
         try:
-            for batch in pf.iter_batches(batch_size=BATCH, row_groups=[group], columns=columns):
-                for row in as_dicts(batch):
+            for batch in pf.iter_batches(batch_size=BATCH, row_groups=[group], columns=[c for c, _ in read]):
+                for row in as_dicts(batch, [k for _, k in read]):
                     n += 1
-                    yield row, f"{path}: row {n:,}"
+                    yield row, Where(path, n)
         except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
             raise UserError(f"{path}: row group {group + 1} of {pf.num_row_groups} cannot be read "
                             f"({first_line(e, 120)}) - the file is damaged or truncated; download or write it again")
@@ -414,16 +430,17 @@ def dataset_rows(source, select):
             builder.download_and_prepare()
             ds = builder.as_dataset(split=source.split)
     where = source.label()
-    if ds.column_names is not None:  # a streamed dataset may not know its columns before its first row
-        ds = ds.select_columns(select(ds.column_names, where))
+    columns = ds.column_names or next(iter(ds)).keys()  # a streamed dataset may know its columns only by a row
+    read = select(list(columns), where)
+    ds = ds.select_columns([c for c, _ in read])
     n = 0
     for table in ds.with_format("arrow").iter(batch_size=BATCH):
-        for row in as_dicts(table):
+        for row in as_dicts(table, [k for _, k in read]):
             n += 1
-            yield row, f"{where}: row {n:,}"
+            yield row, Where(where, n)
 
 
-def as_dicts(table):
-    """An Arrow table or record batch as a dict per row (column by column: three times faster than to_pylist)."""
-    names = table.schema.names
-    return [dict(zip(names, values)) for values in zip(*(column.to_pylist() for column in table.columns))]
+def as_dicts(table, keys):
+    """An Arrow table or record batch as a dict per row, its columns under `keys` (column by column: three times
+    faster than to_pylist)."""
+    return [dict(zip(keys, values)) for values in zip(*(column.to_pylist() for column in table.columns))]

@@ -10,7 +10,7 @@ from DATA import local, read_samples, sources
 
 
 def texts(path):
-    return [(where.split("/")[-1], sample["text"]) for _, sample, where in read_samples(*local([path]))]
+    return [(str(where).split("/")[-1], sample["text"]) for _, sample, where in read_samples(*local([path]))]
 
 
 def test_txt_is_one_sample_per_non_empty_line(tmp_path):
