@@ -32,7 +32,7 @@ import socket
 import urllib.parse
 from typing import Optional
 
-from CONFIG import UserError, first_line, need, suggest
+from CONFIG import UserError, first_line, log, need, suggest
 
 KEYS = ("text", "messages", "prompt", "completion", "chosen", "rejected", "instruction", "input", "output")
 FORMATS = ("txt", "jsonl", "json", "csv", "tsv", "parquet")
@@ -117,7 +117,7 @@ def folder(name, dcfg, split, common):
         files += [os.path.join(here, n) for n in names if not n.startswith((".", "_"))]
     data = sorted((f for f in files if format_of(f, known_only=False)), key=lambda f: os.path.relpath(f, name))
     if by_split(data, name) or has_configs(os.path.join(name, "README.md")):
-        return repository(name, dcfg, split, common)
+        return repository(name, dcfg, split, common, data)
     if not data:
         raise UserError(f"{name}: no data files in this folder (.txt, .jsonl, .json, .csv, .tsv, .parquet) - "
                         "pass a folder that holds some")
@@ -173,14 +173,21 @@ def open_saved(name):
                         "save_to_disk")
 
 
-def repository(name, dcfg, split, common):
+def repository(name, dcfg, split, common, local=()):
     """A dataset repository, local or on the Hub, as `datasets` resolves it: the split's files (at the commit
-    the revision names), so the cache is rebuilt when the dataset changes."""
+    the revision names), so the cache is rebuilt when the dataset changes. local: a folder's data files, those
+    that no split reads are named in a note."""
     builder = open_repository(name, dcfg.subset, dcfg.revision)
     files = builder.config.data_files or {}
     if split not in files:
         raise UserError(f"{name}: no split {split!r} (it has: {', '.join(files) or 'none'}) - pass --data-split"
                         f"{suggest(split, list(files))}")
+    read = {str(f) for split_files in files.values() for f in split_files}
+    left = [f for f in local if os.path.abspath(f) not in read]
+    if left:
+        log(f"note: {name} is read as a dataset repository (its files are named by split), and `datasets` leaves "
+            f"out {len(left)} of its data files ({', '.join(left[:3])}{', …' if len(left) > 3 else ''}) - pass "
+            "files to read them")
     return Source(name, "repo", tuple(str(f) for f in files[split]), split=split, subset=dcfg.subset,
                   revision=dcfg.revision, streaming=dcfg.streaming, **common)
 

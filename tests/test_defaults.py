@@ -130,10 +130,11 @@ def test_large_validation_set_is_scored_on_a_fixed_capped_subset(tmp_path):
     assert all(0 < row["val_share"] < 1 for row in rows) and "of the wall time so far" in r.stderr
 
     from BATCHES import load as load_data
+    from DATA import sources
     cfg, _, _ = load(["--config", "tests/tiny.yaml", "--val-fraction", "0.5"])
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    _, val = load_data(cfg.data, tokenizer, cfg.training.max_length)
+    _, val = load_data(cfg.data, sources(cfg.data), tokenizer, cfg.training.max_length)
     batch = collate(gather(val, range(len(val)))[::26][:8], tokenizer.pad_token_id)
     with torch.no_grad():
         nll = model(**batch, num_items_in_batch=torch.tensor(1)).loss.item()

@@ -132,11 +132,14 @@ def test_a_dataset_repository_reads_through_load_dataset_by_split_and_subset(tmp
         tok, tmp_path, write(tmp_path / "d.jsonl", TEXT_ROWS[:7]))
 
 
-def test_files_named_by_split_are_a_repository_not_shards(tmp_path, tok, monkeypatch):
+def test_files_named_by_split_are_a_repository_not_shards(tmp_path, tok, monkeypatch, capsys):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     write(tmp_path / "plain" / "train.csv", TEXT_ROWS[:10])
     write(tmp_path / "plain" / "test.csv", TEXT_ROWS[10:])
     assert cache(tok, tmp_path, tmp_path / "plain") == cache(tok, tmp_path, write(tmp_path / "a.jsonl", TEXT_ROWS[:10]))
+    write(tmp_path / "plain" / "extra.jsonl", TEXT_ROWS[:2])  # datasets reads one format: this file is left out
+    sources(DataCfg(files=[str(tmp_path / "plain")]))
+    assert "leaves out 1 of its data files (" + str(tmp_path / "plain" / "extra.jsonl") in capsys.readouterr().err
 
 
 def test_repository_errors_name_the_splits_and_subsets_that_exist(tmp_path, repo):
@@ -304,3 +307,12 @@ def test_killed_run_on_parquet_resumes_bit_identically(tmp_path, parquet_data):
     train(out, "--data", shards, *PARQUET_RUN, "--resume", "auto")
     assert same_weights(out, straight)
     shutil.rmtree(straight)
+
+
+def test_eval_py_scores_a_parquet_file_as_the_same_jsonl(tmp_path, trained):
+    rows = [{"body": t} for t in TEXTS[:12]]
+    parquet, jsonl = write(tmp_path / "v.parquet", rows), write(tmp_path / "v.jsonl", [{"text": r["body"]} for r in rows])
+    a = run("EVAL.py", "--model", trained, "--data", parquet, "--columns", "text=body")
+    b = run("EVAL.py", "--model", trained, "--data", jsonl)
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout and "perplexity" in a.stdout
