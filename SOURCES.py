@@ -249,24 +249,32 @@ def fingerprint(sources, *extra):
 
 def rows(source):
     """Yield (row, where) for every row of a source, in order: at most max_samples, each with LLM-MINI's keys
-    (data.columns applied: a key mapped to a column reads that column, a key mapped to nothing is dropped)."""
+    (data.columns applied: a key mapped to a column reads that column, or its own where a source has no such
+    column; a key mapped to nothing is dropped)."""
     mapped = {key: column for key, column in source.columns if column}
     own = [k for k in KEYS if k not in dict(source.columns)]  # keys read under their own name
     key_of = {column: key for key, column in mapped.items()} | {k: k for k in own}
 
-    def select(columns, where):  # [(column, key)] worth reading, after checking that the map fits the columns
+    def select(columns, where):  # [(column, key)] worth reading: a mapped column where the data has it, else
+        read = [(c, key_of[c]) for c in columns if c in key_of]  # the key's own name (a validation set's text)
         for key, column in mapped.items():
-            if column not in columns:
-                raise UserError(f"data.columns: {key}={column}, but {where} has no column {column!r} (it has: "
-                                f"{', '.join(columns)}){suggest(column, list(columns))}")
-        if not set(key_of) & set(columns):
+            if column not in columns and key in columns:
+                read.append((key, key))
+            elif column not in columns:
+                raise UserError(f"data.columns: {key}={column}, but {where} has neither {column!r} nor {key!r} (it "
+                                f"has: {', '.join(columns)}){suggest(column, list(columns))}")
+        if not read:
             raise UserError(unreadable(where, columns))
-        return [(c, key_of[c]) for c in columns if c in key_of]
+        return read
 
     def rename(row):  # a JSON object, whose fields may differ from row to row
         if not isinstance(row, dict):  # for CHAT.parse to refuse, naming where
             return row
-        return {k: row[k] for k in own if k in row} | {k: row[c] for k, c in mapped.items() if c in row}
+        out = {k: row[k] for k in own if k in row}
+        for key, column in mapped.items():
+            if column in row or key in row:
+                out[key] = row[column] if column in row else row[key]
+        return out
     if source.format in ("saved", "repo"):
         found = dataset_rows(source, select)
     else:

@@ -159,6 +159,8 @@ def test_columns_map_rename_and_ignore(tmp_path, tok):
     renamed = write(tmp_path / "r.parquet", [{"content": r["text"], "id": i} for i, r in enumerate(TEXT_ROWS)])
     assert cache(tok, tmp_path, renamed, columns={"text": "content"}) == cache(tok, tmp_path,
                                                                               write(tmp_path / "a.jsonl", TEXT_ROWS))
+    own = write(tmp_path / "own.parquet", TEXT_ROWS)  # a source without the mapped column reads the key's own
+    assert cache(tok, tmp_path, own, columns={"text": "content"}) == cache(tok, tmp_path, tmp_path / "a.jsonl")
     qa = write(tmp_path / "qa.csv", [{"question": r["prompt"], "answer": r["completion"]} for r in PAIR_ROWS])
     assert cache(tok, tmp_path, qa, columns={"prompt": "question", "completion": "answer"}) == cache(
         tok, tmp_path, write(tmp_path / "b.jsonl", PAIR_ROWS))
@@ -179,7 +181,8 @@ def test_the_column_map_is_part_of_the_cache_key(tmp_path, tok):
 
 @pytest.mark.parametrize("columns, message", [
     ({}, r"x.parquet: none of the fields LLM-MINI reads .*; it has: Text, id - did you mean --columns text=Text\?"),
-    ({"text": "content"}, r"data.columns: text=content, but .*x.parquet has no column 'content' \(it has: Text, id\)"),
+    ({"text": "content"}, r"data.columns: text=content, but .*x.parquet has neither 'content' nor 'text' \(it has: "
+                          r"Text, id\)"),
     ({"txt": "Text"}, r"data.columns: 'txt' is not a key a row can have .* did you mean 'text'\?"),
 ])
 def test_unreadable_columns_name_what_the_data_has(tmp_path, columns, message):
