@@ -2,7 +2,6 @@
 tokens (packing, truncation, the held-out part), their seeded order, and batches of tensors."""
 import dataclasses
 import functools
-from typing import Optional
 
 import numpy as np
 import torch
@@ -19,9 +18,7 @@ class Sequences:
     segments: np.ndarray  # (S, 2) token ranges
     offsets: np.ndarray   # (N + 1,) into segments
     lengths: np.ndarray   # (N,) tokens of each sequence
-    scored: np.ndarray    # (N,) what each sequence adds to the loss's denominator: its target tokens (SFT's loss
-                          # is a mean over tokens), or 1 for a preference pair (DPO's is a mean over pairs)
-    reference: Optional[np.ndarray] = None  # (N, 2) DPO: the reference model's answer log-probabilities
+    targets: np.ndarray   # (N,) target tokens of each sequence
 
     def __len__(self):
         return len(self.offsets) - 1
@@ -94,8 +91,9 @@ def pairs(corpus, max_length):
             segs.append((s, e))
     segs = np.array(segs, dtype=np.int64)
     offsets = np.arange(0, len(segs) + 1, 2, dtype=np.int64)
+    targets = np.array([int(corpus.mask[a + 1:b].sum()) for a, b in segs], dtype=np.int64)
     return Sequences(corpus, segs, offsets, np.add.reduceat(segs[:, 1] - segs[:, 0], offsets[:-1]),
-                     np.ones(len(offsets) - 1, dtype=np.int64))
+                     np.add.reduceat(targets, offsets[:-1]))
 
 
 def held_out(ends, fraction, max_tokens):
@@ -153,7 +151,7 @@ def load(dcfg, sources, tokenizer, max_length, preference=False):
     fill = f", {train.lengths.sum() / (len(train) * max_length):.0%} full" if dcfg.packing else ""
     log(f"data: {int(corpus.ends[-1])} tokens in {n_docs} documents -> {len(train)} "
         f"{'packed blocks' if dcfg.packing else 'samples'} of <= {max_length} tokens{fill} "
-        f"({int(train.scored.sum())} target tokens)" + (f"; validation: {len(val)} sequences" if val else ""))
+        f"({int(train.targets.sum())} target tokens)" + (f"; validation: {len(val)} sequences" if val else ""))
     return train, val
 
 
@@ -176,6 +174,31 @@ def sample_indices(start, count, n, seed):
         out += order[i:i + take].tolist()
         p += take
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """What one optimizer step trains on, on this rank (an objective's prepare): its micro-batches (dicts of
+    tensors on the device), the count its loss is a mean over (this rank's share of the global batch's: SFT's
+    target tokens, DPO's pairs, GRPO's completion tokens), its tokens (for tokens/s) and the objective's
+    statistics known before the forward (GRPO's rewards; zeros for the others)."""
+    micro_batches: list
+    count: torch.Tensor
+    tokens: int
+    stats: torch.Tensor
+
+
+def micro_batches(seqs, idx, t, run, pad_id):
+    """This rank's share of each micro-step of one optimizer step, collated: the global batch idx (the same list
+    on every rank) is cut into t.grad_accum micro-steps of world x batch_size sequences. -> [(its indices,
+    batch)]"""
+    shares = [idx[(m * run.world + run.rank) * t.batch_size:][:t.batch_size] for m in range(t.grad_accum)]
+    return [(share, collate(gather(seqs, share), pad_id)) for share in shares]
+
+
+def on(run, batch):
+    """A batch's tensors on the run's device."""
+    return {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
 
 
 def gather(seqs, indices):

@@ -9,6 +9,7 @@ becomes with the mask of those that are trained on (targets).
                                                                     trained on the completion's turns
     {"prompt": ..., "chosen": ..., "rejected": ...}                 a preference pair (DPO, PREFERENCE.py):
         strings, or lists of messages; or chosen and rejected as whole conversations sharing their first turns
+    {"prompt": ...} (no completion)                                 a prompt alone, a string or messages (GRPO.py)
 
 Conversations are rendered with the tokenizer's own chat template (INFER.py --chat renders the same
 tokens). The assistant's spans are found by rendering growing prefixes of the conversation and comparing
@@ -19,7 +20,8 @@ from CONFIG import UserError, first_line, log
 
 ROLES = ("system", "user", "assistant")
 # loss_on when data.loss_on is not set: it follows the data
-DEFAULT_LOSS_ON = {"text": "all", "messages": "assistant", "prompt": "completion", "preference": "completion"}
+DEFAULT_LOSS_ON = {"text": "all", "messages": "assistant", "prompt": "completion", "preference": "completion",
+                   "prompt_only": "completion"}
 # ChatML, as TRL's setup_chat_format writes it; a scratch tokenizer gets its markers as special tokens
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -36,6 +38,9 @@ def parse(obj, where):
         return "messages", {"messages": check_messages(obj["messages"], where)}
     if "chosen" in obj or "rejected" in obj:
         return "preference", preference(obj, where)
+    if "prompt" in obj and "completion" not in obj:  # a prompt alone: what GRPO samples completions for
+        prompt = turns(obj, "prompt", where) if isinstance(obj["prompt"], list) else string(obj, "prompt", where)
+        return "prompt_only", {"prompt": prompt}
     if isinstance(obj.get("prompt"), list):  # TRL's conversational form: a conversation, trained after the prompt
         prompt, completion = turns(obj, "prompt", where), turns(obj, "completion", where)
         return "messages", {"messages": check_messages(prompt + completion, where), "prompt_turns": len(prompt)}

@@ -131,6 +131,19 @@ class TrainingCfg:
                     "fine-tuning; the reference is the starting model (PREFERENCE.py)")
     dpo_beta: float = opt(0.1, "DPO's beta: how far the tuned model may move from the reference (TRL's default)",
                           above=0)
+    grpo: bool = opt(False, "reinforcement learning with verifiable rewards (GRPO, GRPO.py) on prompt-only rows: "
+                            "sample completions, score them with --reward functions, reinforce the better ones")
+    reward: list = opt([], "GRPO's reward functions, FILE.py:NAME each (repeatable): NAME(prompts, completions, "
+                           "**columns) -> a float or None per completion, as TRL's GRPOTrainer calls them")
+    reward_weights: list = opt([], "GRPO: a weight per --reward function (default: 1 each)")
+    num_generations: int = opt(8, "GRPO: completions sampled per prompt, the group its advantages are relative to",
+                               min=2)
+    max_completion_length: int = opt(512, "GRPO: tokens a completion may have at most", min=1)
+    grpo_temperature: float = opt(1.0, "GRPO: sampling temperature of the completions (and of their "
+                                       "log-probabilities, as TRL)", above=0)
+    grpo_epsilon: float = opt(0.2, "GRPO: the policy ratio is clipped to [1 - epsilon, 1 + epsilon]", above=0)
+    grpo_beta: float = opt(0.0, "GRPO: weight of the KL penalty to the reference, the starting model (0: none, as "
+                                "TRL; > 0 under LoRA: the adapter disabled, else a second copy)", min=0)
     recompute: Literal["cheap", "all", "none"] = opt(
         "cheap", "what backward recomputes instead of keeping (RECOMPUTE.py): cheap = element-wise results, matmul "
         "and attention outputs kept (the same gradients, less memory, little time); all = whole layers "
@@ -223,7 +236,10 @@ PURPOSE_DEFAULTS = {"from scratch": {"training.learning_rate": 1e-3, "data.packi
                     "LoRA fine-tune": {"training.learning_rate": 2e-4, "data.packing": False},
                     # DPO: TRL's DPOConfig default (1e-6) for a full model; its LoRA example's 5e-6 with an adapter
                     "DPO": {"training.learning_rate": 1e-6, "data.packing": False},
-                    "DPO with LoRA": {"training.learning_rate": 5e-6, "data.packing": False}}
+                    "DPO with LoRA": {"training.learning_rate": 5e-6, "data.packing": False},
+                    # GRPO: TRL's GRPOConfig default (1e-6); with an adapter ten times that, as TRL's LoRA guide
+                    "GRPO": {"training.learning_rate": 1e-6},
+                    "GRPO with LoRA": {"training.learning_rate": 1e-5}}
 # training.max_length defaults to the model's context, but at most this: the fp32 logits of one micro-batch
 # (batch x length x vocab) dominate activation memory (8 x 1024 x 49k vocab = 1.6 GB per copy); run_clm's
 # block_size and TRL's max_length default to 1024 too.
@@ -233,8 +249,9 @@ MAX_LENGTH_CAP = 1024
 def purpose(cfg):
     if cfg.model.from_scratch:
         return "from scratch"
-    if cfg.training.dpo:
-        return "DPO with LoRA" if cfg.lora.enabled else "DPO"
+    if cfg.training.dpo or cfg.training.grpo:
+        name = "DPO" if cfg.training.dpo else "GRPO"
+        return f"{name} with LoRA" if cfg.lora.enabled else name
     return "LoRA fine-tune" if cfg.lora.enabled else "full fine-tune"
 
 
@@ -258,10 +275,26 @@ def warmup_of(warmup_steps, total_steps):
     return int(warmup_steps) if warmup_steps >= 1 else math.ceil(warmup_steps * total_steps)
 
 
+def objective(t):
+    """sft, dpo or grpo: what the run trains for (TRAIN.OBJECTIVES)."""
+    return "grpo" if t.grpo else "dpo" if t.dpo else "sft"
+
+
 def rules(cfg):
     """Checks across values that the per-field ranges cannot express: a list of error messages."""
-    w = cfg.training.warmup_steps
-    return [f"training.warmup_steps: {w} - give whole steps, or a fraction of the run below 1"] if w >= 1 and w % 1 else []
+    t, errors = cfg.training, []
+    if t.warmup_steps >= 1 and t.warmup_steps % 1:
+        errors.append(f"training.warmup_steps: {t.warmup_steps} - give whole steps, or a fraction of the run below 1")
+    if t.dpo and t.grpo:
+        errors.append("training.dpo and training.grpo: a run has one objective - pass --dpo or --grpo")
+    if t.grpo and not t.reward:
+        errors.append("training.reward: --grpo needs at least one reward function - pass --reward FILE.py:NAME")
+    if t.reward and not t.grpo:
+        errors.append("training.reward: reward functions are for --grpo - add it, or drop --reward")
+    if t.grpo and (t.batch_size * t.grad_accum) % t.num_generations:
+        errors.append(f"training.batch_size x grad_accum ({t.batch_size} x {t.grad_accum}) must be a multiple of "
+                      f"num_generations ({t.num_generations}): each process trains on whole groups of completions")
+    return errors
 
 
 TRAIN_SECTIONS = ("model", "tokenizer", "data", "lora", "training", "output")

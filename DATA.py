@@ -3,8 +3,8 @@ save_to_disk folders, Hub datasets), each row read as CHAT.py reads a .jsonl lin
 and the token cache, the samples tokenized once into memory-mapped arrays with their target mask. BATCHES.py
 cuts the cache into batches.
 
-A row holds {"text"}, {"messages"}, {"prompt", "completion"}, Alpaca's fields or a preference pair
-{"prompt", "chosen", "rejected"} (CHAT.py); the first sample of a source sets its kind.
+A row holds {"text"}, {"messages"}, {"prompt", "completion"}, Alpaca's fields, a preference pair
+{"prompt", "chosen", "rejected"} or a prompt alone (CHAT.py); the first sample of a source sets its kind.
 """
 import collections
 import contextlib
@@ -49,6 +49,10 @@ def read_samples(source):
     for row, where in rows(source):
         kind, sample = parse(row, where)
         first = first or (kind, where)
+        if {kind, first[0]} == {"prompt", "prompt_only"}:
+            raise UserError(f"{where if kind == 'prompt_only' else first[1]}: no \"completion\" field, unlike "
+                            f"{first[1] if kind == 'prompt_only' else where} - give every row a completion, or none "
+                            "(prompts alone are for --grpo)")
         if kind != first[0]:
             raise UserError(f"{where}: a {kind} sample among {first[0]} samples (the first at {first[1]}) - keep "
                             "one kind per file or folder")
@@ -72,14 +76,18 @@ def source_kind(source):
     return next(iter(read_samples(source)))[0]
 
 
-def check_loss_on(sources, loss_on):
-    """Every source's kind, after checking that data.loss_on applies to it."""
-    kinds = {s.label(): source_kind(s) for s in sources}
+def kinds(sources):
+    """Every source's kind (text, messages, prompt, preference or prompt_only: CHAT.parse), read from its first
+    sample."""
+    return {s.label(): source_kind(s) for s in sources}
+
+
+def check_loss_on(kinds, loss_on):
+    """data.loss_on applies to every source's kind."""
     for name, kind in kinds.items():
         if loss_on not in (None, "all") and kind == "text":
             raise UserError(f"data.loss_on: {loss_on} needs conversations or prompt/completion pairs, but {name} holds "
                             "plain text - use loss_on all, or drop it")
-    return kinds
 
 
 def tokenizer_fingerprint(tokenizer):

@@ -53,6 +53,9 @@ def init(mcfg):
 def check_fsdp(t, lora, run):
     if t.fsdp and lora.enabled:
         raise UserError("--fsdp with --lora is not supported - LoRA state is small: use plain torchrun (DDP)")
+    if t.fsdp and t.grpo:
+        raise UserError("--fsdp with --grpo is not supported - generating needs the whole model in each process: use "
+                        "plain torchrun (DDP), with --lora where the model is large")
     if t.fsdp and run.world == 1:
         raise UserError("--fsdp shards the model over processes - launch with torchrun --nproc_per_node N TRAIN.py …")
 
@@ -87,15 +90,15 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def wrap(raw_model, t, run):
-    """The model the loop calls, and the switch for gradient all-reduce: compile, then FSDP (in place) or DDP.
-    Checkpoints always save raw_model: not compiled, not wrapped."""
+def wrap(scorer, t, run):
+    """The module the loop calls, and the switch for gradient all-reduce: the LOSS.Scorer compiled, then FSDP (in
+    place) or DDP. Checkpoints always save the model the scorer holds: not compiled, not wrapped."""
     # dynamic shapes: batches differ in length; where dynamo cannot compile (no C++ compiler, an unsupported
     # op) the run falls back to eager with a warning (TRAIN.py sets suppress_errors) and compile_report says so
-    model = torch.compile(raw_model, dynamic=True) if t.compile else raw_model
+    model = torch.compile(scorer, dynamic=True) if t.compile else scorer
     if t.fsdp:
-        shard(raw_model)  # parameters become DTensor shards
-        return model, raw_model.set_requires_gradient_sync
+        shard(scorer)  # parameters become DTensor shards
+        return model, scorer.set_requires_gradient_sync
     if run.world == 1:
         return model, lambda on: None  # one process: nothing to all-reduce
     gpu = [run.local_rank] if run.device.type == "cuda" else None
@@ -103,13 +106,14 @@ def wrap(raw_model, t, run):
     return model, lambda on: setattr(model, "require_backward_grad_sync", on)
 
 
-def shard(model):
-    """FSDP2: shard every transformer block (the classes HF lists in _no_split_modules), then the rest."""
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
+def shard(scorer):
+    """FSDP2: shard every transformer block (the classes HF lists in _no_split_modules), then the rest, with the
+    scorer as the root: its forward gathers the embeddings, final norm and head that it reads directly."""
+    blocks = set(getattr(scorer.model, "_no_split_modules", None) or [])
+    for module in scorer.model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module)
-    return fully_shard(model)
+    return fully_shard(scorer)
 
 
 def compile_report():

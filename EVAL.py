@@ -26,7 +26,7 @@ import CONFIG
 from BATCHES import collate, count_targets, gather
 from CHAT import encode, with_template
 from CONFIG import UserError, need
-from DATA import check_loss_on, read_all, sources
+from DATA import check_loss_on, kinds, read_all, sources
 from MODEL import context_length, load_for_use, no_padding_warning
 from TOKENIZER import load_tokenizer
 
@@ -92,23 +92,23 @@ def evaluate(model, tokenizer, samples, e, loss_on=None, on_document=None):
     return nll, tokens, n_bytes
 
 
-def validate(model, seqs, indices, run, batch_size, pad_id):
+def validate(scorer, seqs, indices, run, batch_size, pad_id):
     """Validation loss exp-able to perplexity: Σ NLL / Σ target tokens over the sequences `indices` of seqs
-    (not a mean of batch means), in float64, in the run's precision. Ranks score disjoint batches and sum;
-    every rank runs the same number of forward passes (FSDP gathers parameters in each), an empty share
-    scoring a dummy with weight 0."""
+    (not a mean of batch means), in float64, in the run's precision, through the training run's LOSS.Scorer.
+    Ranks score disjoint batches and sum; every rank runs the same number of forward passes (FSDP gathers
+    parameters in each), an empty share scoring a dummy with weight 0."""
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # (Σ NLL, Σ targets)
-    model.eval()
+    scorer.eval()
     with torch.no_grad():
         for start in range(0, len(indices), batch_size * run.world):
             mine = indices[start + run.rank * batch_size:start + (run.rank + 1) * batch_size]
             batch = collate(gather(seqs, mine or indices[:1]), pad_id)
             n = count_targets(batch) if mine else 0
             batch = {k: v.to(run.device) for k, v in batch.items()}
-            with run.autocast:  # num_items_in_batch=1: the loss is the sum of the token NLLs
-                nll = model(**batch, num_items_in_batch=torch.tensor(1, device=run.device), use_cache=False).loss
+            with run.autocast:
+                nll = scorer(batch["input_ids"], batch["position_ids"], batch["labels"])
             sums += torch.stack([nll.double() * bool(mine), torch.tensor(n, dtype=torch.float64, device=run.device)])
-    model.train()
+    scorer.train()
     if run.world > 1:
         dist.all_reduce(sums)
     return (sums[0] / sums[1]).item()
@@ -178,7 +178,9 @@ def main(argv):
     if "model.name" not in flags or "data.files" not in flags:
         raise UserError("--model and --data are required: e.g. python EVAL.py --model out --data data/train.txt")
     data, _ = sources(cfg.data)
-    chat = "messages" in check_loss_on(data, cfg.data.loss_on).values()
+    found = kinds(data)
+    check_loss_on(found, cfg.data.loss_on)
+    chat = "messages" in found.values()
     no_padding_warning()
     model = load_for_use(cfg.model, "score")
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)

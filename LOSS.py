@@ -1,22 +1,23 @@
-"""The training loss without the full logits: output projection and cross-entropy, chunk by chunk.
+"""What every objective's loss is made of, without the full logits: the model's body and its output head as one
+module, `Scorer`, whose forward returns the summed NLL of the target tokens (SFT, validation) or each target
+token's log-probability (DPO, GRPO). DDP, FSDP and torch.compile wrap the Scorer; checkpoints save the model
+it holds, which is never changed.
 
 transformers computes logits for every position (batch x seq x vocab, upcast to fp32) and keeps them, their
 log-softmax and their gradient alive until backward: at 4 x 1024 tokens and SmolLM2's 49k vocabulary that
-is 0.8 GB a copy, more than the model's fp32 weights. Here the model's own forward runs unchanged (so DDP,
-FSDP, peft and torch.compile see the same module call) with two swaps on the model instance:
+is 0.8 GB a copy, more than the model's fp32 weights. Here only the positions that have a target are projected
+to the vocabulary, a few hundred rows at a time:
 
-  - the output head passes its input through: the "logits" reaching the loss are the last hidden states;
-  - the model's loss_function (transformers' hook for it) is `chunked_loss`, which takes only the positions
-    that have a target and, a few hundred rows at a time, projects them to the vocabulary, sums their NLL
-    and computes that chunk's gradients at once; backward only scales the stored gradients.
+  - LinearCrossEntropy: Σ NLL, with that chunk's gradients computed in forward (backward only scales them);
+  - LinearLogprobs: each row's log-probability; backward computes each chunk's logits again (one more matmul),
+    since the loss of a DPO pair or a GRPO completion is not a plain sum of them.
 
-Peak extra memory is one chunk's logits (CHUNK_ELEMENTS floats) instead of several full copies. `use_chunked`
-checks the swap on the model itself (the same loss as the plain path on a probe batch) and keeps the
-model's own loss where it is not equivalent (logit soft-capping, scaled logits, a custom loss).
+Peak extra memory is one chunk's logits (CHUNK_ELEMENTS floats) instead of several full copies. `chunks_exactly`
+checks on the model itself that this gives its own loss; where it does not (logit soft-capping, scaled logits,
+a custom loss), the Scorer reads the model's full logits instead, with the same results and reductions.
 """
-import types
-
 import torch
+import torch.nn.functional as F
 
 from CONFIG import log
 
@@ -38,7 +39,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b and bias is not None else None
         for start in range(0, h.shape[0], chunk_rows):
             hc, yc = h[start:start + chunk_rows], y[start:start + chunk_rows]
-            logits = torch.nn.functional.linear(hc, weight, bias).float()  # (n, V); in autocast's dtype, then fp32
+            logits = F.linear(hc, weight, bias).float()  # (n, V); in autocast's dtype, then fp32
             lse = torch.logsumexp(logits, dim=-1)
             nll += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
             if grad_h is None and grad_w is None and grad_b is None:
@@ -63,50 +64,94 @@ class LinearCrossEntropy(torch.autograd.Function):
         return scale(grad_h), scale(grad_w, ctx.dtypes[0]), scale(grad_b, ctx.dtypes[1]), None, None
 
 
+class LinearLogprobs(torch.autograd.Function):
+    """log softmax(h @ W.T (+ b)) / temperature)[y] for each row (N,), chunked over rows in forward and again in
+    backward, where d logp / d logits = onehot - softmax, each row scaled by its grad_output. Backward repeats
+    forward's matmul in forward's dtype (autocast's, which is not active in backward)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, temperature):
+        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_rows):
+            logits = F.linear(h[start:start + chunk_rows], weight, bias)  # (n, V), in autocast's dtype
+            ctx.dtype = logits.dtype
+            logits = logits.float() / temperature
+            yc = y[start:start + chunk_rows]
+            out[start:start + chunk_rows] = logits.gather(1, yc[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+        ctx.save_for_backward(h, weight, bias, y)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        h, weight, bias, y = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dt = getattr(ctx, "dtype", h.dtype)  # no rows: nothing to do
+        w, b = weight.to(dt), None if bias is None else bias.to(dt)
+        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b and bias is not None else None
+        for start in range(0, h.shape[0], chunk_rows):
+            hc, yc = h[start:start + chunk_rows].to(dt), y[start:start + chunk_rows]
+            logits = F.linear(hc, w, b).float() / ctx.temperature
+            grad = logits.softmax(-1).neg_()  # d logp / d logits: onehot - softmax, then / temperature
+            grad[torch.arange(len(yc), device=h.device), yc] += 1
+            grad.mul_(grad_out[start:start + chunk_rows, None] / ctx.temperature)
+            if grad_h is not None:
+                grad_h[start:start + chunk_rows] = (grad.to(dt) @ w).to(h.dtype)  # (n, H)
+            if grad_w is not None:
+                grad_w += (grad.to(dt).T @ hc).float()  # (V, H), summed in fp32 over chunks
+            if grad_b is not None:
+                grad_b += grad.sum(0)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+class Scorer(torch.nn.Module):
+    """A causal LM as the losses see it. forward(input_ids, position_ids, labels) -> Σ NLL of the labels (fp32
+    scalar; position t predicts labels[t + 1], -100: no target); with per_token, the (B, T) log-probabilities
+    of the labels at the positions that predict them (0 elsewhere), logits divided by `temperature` first."""
+
+    def __init__(self, model, chunked):
+        super().__init__()
+        self.model = model      # the transformers model (or peft's wrapper of it): what checkpoints save
+        self.chunked = chunked  # False: from the model's own full logits (see chunks_exactly)
+
+    def forward(self, input_ids, position_ids, labels, per_token=False, temperature=1.0):
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, T): what each position predicts
+        keep = targets != -100
+        if self.chunked:
+            base = unwrap(self.model)
+            hidden = base.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+            head = base.get_output_embeddings()
+            h, y = hidden[keep], targets[keep]  # (N, H), (N,): only the positions that are scored
+            if not per_token:
+                return LinearCrossEntropy.apply(h, head.weight, head.bias, y, torch.is_grad_enabled())
+            logps = chunk_logps(h, head, y, temperature)
+        else:
+            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+            logits, y = logits[keep].float(), targets[keep]  # (N, V)
+            if not per_token:
+                return F.cross_entropy(logits, y, reduction="sum")
+            logps = (logits / temperature).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+        return torch.zeros(keep.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
+
+
 @torch.compiler.disable  # eager under --compile: it is matmuls already, and its row count varies per batch
-def chunked_loss(head, hidden, labels, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **_):
-    """transformers' ForCausalLMLoss (position t predicts labels[t+1]; Σ NLL / num_items_in_batch, else the
-    mean), computed from the last hidden states (B, T, H) and the output head, only where there is a target."""
-    if shift_labels is None:
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    keep = (shift_labels != ignore_index).reshape(-1).to(hidden.device)
-    h = hidden.reshape(-1, hidden.shape[-1])[keep]  # (N, H): the positions that are scored
-    y = shift_labels.reshape(-1).to(hidden.device)[keep]
-    nll = LinearCrossEntropy.apply(h, head.weight, head.bias, y, torch.is_grad_enabled())
-    if num_items_in_batch is None:
-        return nll / max(1, len(y))
-    return nll / (num_items_in_batch.to(nll.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+def chunk_logps(h, head, y, temperature):
+    return LinearLogprobs.apply(h, head.weight, head.bias, y, temperature)
 
 
 def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the model it wraps
 
 
-def is_chunked(model):
-    """Whether use_chunked swapped the chunked loss into this model."""
-    return "_loss_function" in vars(unwrap(model))
-
-
-def _swap(model):
-    """Install the two swaps on the (unwrapped) transformers model; -> a function that undoes them."""
-    base = unwrap(model)
-    head = base.get_output_embeddings()
-
-    def undo():
-        vars(head).pop("forward", None)
-        vars(base).pop("_loss_function", None)
-    try:
-        head.forward = types.MethodType(lambda self, x: x, head)  # the "logits" are the hidden states
-        base.loss_function = lambda logits, labels, vocab_size=None, **kw: chunked_loss(head, logits, labels, **kw)
-    except Exception:  # e.g. a transformers without the loss_function setter
-        undo()
-        raise
-    return undo
-
-
-def use_chunked(model, device, seed=0):
-    """Swap in the chunked loss where it gives this model's own loss on a probe batch. -> None, or why not
-    (also said in one line on stderr)."""
+def chunks_exactly(model, device, seed=0):
+    """None where the chunked head gives this model's own loss on a probe batch, else why not (also said in one
+    line on stderr): then the Scorer reads its full logits."""
     head = unwrap(model).get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
         return note(f"its output head is a {type(head).__name__}, not a plain Linear")
@@ -114,25 +159,27 @@ def use_chunked(model, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (2, 12), generator=g).to(device)
     labels = ids.masked_fill(torch.rand(ids.shape, generator=g).to(device) < 0.3, -100)
-    was_training, undo = model.training, None
+    positions = torch.arange(12, device=device).repeat(2, 1)
+    was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            plain = model(input_ids=ids, labels=labels, use_cache=False).loss.float()
-            undo = _swap(model)
-            chunked = model(input_ids=ids, labels=labels, use_cache=False).loss.float()
-    except Exception as e:  # a model or transformers version this cannot drive: train with the model's own loss
-        if undo:
-            undo()
+            out = model(input_ids=ids, labels=labels, use_cache=False)
+            base = unwrap(model)
+            mine = head(base.base_model(input_ids=ids, position_ids=positions, use_cache=False)[0]).float()
+            chunked = Scorer(model, chunked=True)(ids, positions, labels) / (labels[:, 1:] != -100).sum()
+    except Exception as e:  # a model or transformers version this cannot drive: its own full logits
         return note(f"the probe failed ({type(e).__name__}: {str(e)[:120]})")
     finally:
         model.train(was_training)
-    if torch.isclose(plain, chunked, rtol=1e-4, atol=1e-5):
-        return None
-    undo()
-    return note(f"its own loss differs from plain cross-entropy of its head ({plain.item():.5f} vs {chunked.item():.5f})")
+    if not torch.allclose(out.logits.float(), mine, rtol=1e-5, atol=1e-6):  # e.g. soft-capped or scaled logits
+        return note("its logits are not its output head's (they are changed after it)")
+    if not torch.isclose(out.loss.float(), chunked, rtol=1e-4, atol=1e-5):
+        return note(f"its own loss differs from plain cross-entropy of its head ({out.loss.item():.5f} vs "
+                    f"{chunked.item():.5f})")
+    return None
 
 
 def note(why):
-    log(f"note: keeping the model's own loss, not the chunked one: {why}")
+    log(f"note: the loss is computed from the model's full logits, not chunk by chunk: {why}")
     return why

@@ -12,8 +12,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import CONFIG
-import LOSS
-import PREFERENCE
 from CHECKPOINT import CONFIG_FILE
 from CONFIG import log
 
@@ -21,12 +19,13 @@ from CONFIG import log
 @dataclasses.dataclass
 class Window:
     """What is summed between two log lines: the loss and the objective's statistics (Log.names; a device tensor,
-    so no host sync per step), the tokens, the steps and the seconds spent in them (validation and checkpoints
-    are not counted)."""
+    so no host sync per step), the tokens, the steps and the seconds spent preparing their batches (GRPO:
+    generating and rewarding) and training on them (validation and checkpoints are not counted)."""
     sums: torch.Tensor  # (len(Log.names),)
     tokens: int = 0
     steps: int = 0
-    seconds: float = 0.0
+    prepare_seconds: float = 0.0
+    train_seconds: float = 0.0
 
 
 @dataclasses.dataclass
@@ -36,31 +35,33 @@ class Log:
     metrics: object            # OUT/metrics.jsonl open for appending, or None on ranks other than 0
     window: Window
     started: float             # time.perf_counter() at the start
-    names: tuple = ("loss",)   # what Window.sums holds: the loss, then e.g. DPO's rewards/…
+    names: tuple = ("loss",)   # what Window.sums holds: the loss, then the objective's (DPO's rewards/…)
     val_seconds: float = 0.0
 
 
-def summary(cfg, run, model, n_sequences, total_steps):
-    """The run's first log line: model size, data, batch, schedule, device and precision, what is on."""
-    t = cfg.training
+def summary(cfg, run, scorer, data, total_steps):
+    """The run's first log line: model size, data ("N sequences"), batch, schedule, device and precision, what
+    is on."""
+    t, model = cfg.training, scorer.model
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     recomputing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # transformers' flag
     on = [name for name, flag in ((f"recompute {t.recompute}", recomputing),
-                                  ("chunked loss", LOSS.is_chunked(model)), ("torch.compile", t.compile),
+                                  ("chunked loss", scorer.chunked), ("torch.compile", t.compile),
                                   ("FSDP", t.fsdp)) if flag]
-    return (f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | {n_sequences} sequences | global "
+    return (f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | {data} | global "
             f"batch {t.batch_size * t.grad_accum * run.world} = {t.batch_size} x {t.grad_accum} accum x {run.world} "
             f"ranks | {total_steps} steps ({CONFIG.warmup_of(t.warmup_steps, total_steps)} warmup) at peak lr "
             f"{t.learning_rate:g} | {run.device.type} {str(run.dtype).removeprefix('torch.')}"
             + "".join(f" | {name} on" for name in on))
 
 
-def open_log(cfg, run, total_steps, step, resumed):
-    """The run's Log from `step` of total_steps. Rank 0 writes the resolved config to OUT and opens
-    OUT/metrics.jsonl, dropping a resumed run's rows after `step` (those steps are about to run again)."""
+def open_log(cfg, run, total_steps, step, resumed, stat_names):
+    """The run's Log from `step` of total_steps, summing the loss and the objective's statistics (stat_names).
+    Rank 0 writes the resolved config to OUT and opens OUT/metrics.jsonl, dropping a resumed run's rows after
+    `step` (those steps are about to run again)."""
     out = cfg.output.dir
-    names = ("loss",) + (PREFERENCE.STAT_NAMES if cfg.training.dpo else ())
+    names = ("loss",) + tuple(stat_names)
     bar = tqdm(total=total_steps, initial=step, file=sys.stderr, dynamic_ncols=True,
                disable=None if run.master else True)  # None: off where stderr is not a terminal
     if not run.master:
@@ -76,11 +77,12 @@ def open_log(cfg, run, total_steps, step, resumed):
                time.perf_counter(), names=names)
 
 
-def tally(run_log, sums, tokens, seconds):
-    """One optimizer step done: its loss and statistics (Log.names), tokens and seconds go into the window, and
-    the bar moves on."""
+def tally(run_log, sums, tokens, prepare_seconds, train_seconds):
+    """One optimizer step done: its loss and statistics (Log.names), tokens and seconds (preparing its batch,
+    training on it) go into the window, and the bar moves on."""
     w = run_log.window
-    w.sums, w.tokens, w.steps, w.seconds = w.sums + sums, w.tokens + tokens, w.steps + 1, w.seconds + seconds
+    w.sums, w.tokens, w.steps = w.sums + sums, w.tokens + tokens, w.steps + 1
+    w.prepare_seconds, w.train_seconds = w.prepare_seconds + prepare_seconds, w.train_seconds + train_seconds
     run_log.bar.update(1)
 
 
@@ -98,16 +100,19 @@ def log_step(run_log, run, progress, lr, norm):
     if run.world > 1:
         dist.all_reduce(window.sums)  # each rank holds its share of the means
     means = (window.sums / window.steps / run.world).tolist()
+    seconds = window.prepare_seconds + window.train_seconds
     row = {"step": progress.step, **dict(zip(run_log.names, means)), "lr": lr, "grad_norm": norm.item(),
-           "tokens_per_s": window.tokens / max(window.seconds, 1e-9), "skipped_steps": progress.bad_steps}
+           "tokens_per_s": window.tokens / max(seconds, 1e-9), "prepare_s": window.prepare_seconds / window.steps,
+           "train_s": window.train_seconds / window.steps, "skipped_steps": progress.bad_steps}
     if run.device.type == "cuda":  # peak GPU memory so far, against params + grads + AdamW state
         row["max_memory_gb"] = torch.cuda.max_memory_allocated(run.device) / 1e9
     write_row(run_log, row)
-    accuracy = {"acc": f"{row['rewards/accuracies']:.2f}"} if "rewards/accuracies" in row else {}
-    run_log.bar.set_postfix(loss=f"{row['loss']:.3f}", **accuracy, lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+    shown = {short: f"{row[name]:.3f}" for name, short in (("rewards/accuracies", "acc"), ("reward", "reward"))
+             if name in row}
+    run_log.bar.set_postfix(loss=f"{row['loss']:.3f}", **shown, lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
     if run_log.bar.disable and run.master:  # no terminal (a log file, CI): a plain line instead of the bar
         log(f"step {progress.step}/{run_log.bar.total} loss {row['loss']:.4f}"
-            + "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("rewards/"))
+            + "".join(f" {k} {row[k]:.3f}" for k in run_log.names[1:])
             + f" lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s")
 
 

@@ -12,7 +12,6 @@ by the base with the adapter disabled), and cached beside the token cache, so th
 second copy of the model in memory and a resumed or repeated run reads them back.
 """
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import BATCHES
+from BATCHES import Step
 from ATOMIC import replacing
 from CONFIG import UserError, log
 
@@ -33,8 +33,14 @@ def answer_logps(logits, labels, position_ids):
     y = labels[:, 1:]
     logits = logits[:, :-1].float()
     token = logits.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (B, T-1)
-    token = token.masked_fill(y == -100, 0.0)
+    return segment_sums(token.masked_fill(y == -100, 0.0), position_ids)
+
+
+def segment_sums(token_logps, position_ids):
+    """(B, 2): token log-probabilities (B, T-1 or T; position t: the token after it, 0 where none) summed over
+    each row's first segment (the chosen answer) and second (the rejected one); positions restart at 0 at each."""
     segment = (position_ids == 0).cumsum(1)[:, 1:]  # 1: chosen, 2: rejected, 3+: padding
+    token = token_logps[:, :segment.shape[1]]
     return torch.stack([(token * (segment == 1)).sum(1), (token * (segment == 2)).sum(1)], dim=1)
 
 
@@ -44,20 +50,35 @@ def dpo_loss(policy, reference, beta):
     return -F.logsigmoid(rewards[:, 0] - rewards[:, 1]), rewards[:, 0].detach(), rewards[:, 1].detach()
 
 
-def objective(beta):
-    """The micro-step's loss for DPO: Σ of its pairs' losses / n (the global batch's pairs, per rank), and its
-    share of TRL's reward statistics (STAT_NAMES: sums over its pairs / n, so the ranks' shares add up)."""
-    def loss(model, batch, n):
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        losses, chosen, rejected = dpo_loss(answer_logps(logits, batch["labels"], batch["position_ids"]),
-                                            batch["reference"], beta)
+class DPO:
+    """Preference tuning, one objective of the loop (the parts are listed in SFT.py): a pair a sequence, the loss
+    a mean over the global batch's pairs, and TRL's reward statistics."""
+    KINDS = ("preference",)
+    unit = "pairs"
+    names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+    def __init__(self, data, reference, run, t, pad_id):
+        self.data, self.reference, self.run, self.t, self.pad_id = data, reference, run, t, pad_id
+        self.val, self.size, self.per_step = None, len(data), t.batch_size * t.grad_accum * run.world
+
+    def prepare(self, position):
+        """The global batch's pairs, this rank's share of each micro-step with the reference log-probabilities of
+        its pairs, and its share of the number of pairs."""
+        idx = BATCHES.sample_indices(position, self.per_step, self.size, self.t.seed)
+        batches = [BATCHES.on(self.run, b | {"reference": torch.from_numpy(self.reference[share])})
+                   for share, b in BATCHES.micro_batches(self.data, idx, self.t, self.run, self.pad_id)]
+        return Step(batches, torch.tensor(len(idx) / self.run.world, device=self.run.device),
+                    int(self.data.lengths[idx].sum()), torch.zeros(len(self.names), device=self.run.device))
+
+    def loss(self, model, batch, pairs):
+        """Σ of the micro-batch's pair losses / the step's pairs (this rank's share), and its share of the
+        statistics (sums over its pairs / the same count, so the ranks' and micro-steps' shares add up)."""
+        tokens = model(batch["input_ids"], batch["position_ids"], batch["labels"], per_token=True)
+        losses, chosen, rejected = dpo_loss(segment_sums(tokens, batch["position_ids"]), batch["reference"],
+                                            self.t.dpo_beta)
         stats = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(),
                              (chosen - rejected).sum()])
-        return losses.sum() / n, stats / n
-    return loss
-
-
-STAT_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+        return losses.sum() / pairs, stats / pairs
 
 
 def check_data(kinds, dpo, from_scratch):
@@ -75,15 +96,14 @@ def check_data(kinds, dpo, from_scratch):
                         "to train on them (DPO), or give supervised data")
 
 
-def with_reference(cfg, run, model, seqs, pad_id, resume):
-    """seqs with the reference log-probabilities of its pairs: from the cache beside the token cache, or
-    computed from `model` as it starts (a resumed full fine-tune has moved away from the reference)."""
+def with_reference(cfg, run, scorer, seqs, pad_id, resume):
+    """The reference log-probabilities of the pairs (N, 2): from the cache beside the token cache, or computed
+    from the model as it starts (a resumed full fine-tune has moved away from the reference)."""
     path = cache_path(cfg, seqs)
     if resume and not cfg.lora.enabled and not os.path.exists(path):
         raise UserError(f"{path}: the reference log-probabilities of this DPO run are missing, and the resumed "
                         "model is no longer the reference - restore the file, or start the run again")
-    reference = reference_logps(model, seqs, run, cfg.training.batch_size, pad_id, path)
-    return dataclasses.replace(seqs, reference=reference)
+    return reference_logps(scorer, seqs, run, cfg.training.batch_size, pad_id, path)
 
 
 def cache_path(cfg, seqs):
@@ -105,22 +125,23 @@ def model_files(path):
 
 
 @torch.no_grad()
-def reference_logps(model, seqs, run, batch_size, pad_id, path):
+def reference_logps(scorer, seqs, run, batch_size, pad_id, path):
     """(N, 2) float32: the reference model's answer log-probabilities of every pair, read from `path` or
     computed (eval mode, the adapter disabled where there is one) and written there."""
     if os.path.exists(path):
         log(f"reusing reference log-probabilities {path}")
         return np.load(path)
+    model = scorer.model
     was_training = model.training
     model.eval()
     out = []
     adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with adapter_off, run.autocast:
         for start in range(0, len(seqs), batch_size):
-            batch = BATCHES.collate(BATCHES.gather(seqs, range(start, min(start + batch_size, len(seqs)))), pad_id)
-            batch = {k: v.to(run.device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-            out.append(answer_logps(logits, batch["labels"], batch["position_ids"]).cpu())
+            batch = BATCHES.on(run, BATCHES.collate(BATCHES.gather(seqs, range(start, min(start + batch_size,
+                                                                                         len(seqs)))), pad_id))
+            tokens = scorer(batch["input_ids"], batch["position_ids"], batch["labels"], per_token=True)
+            out.append(segment_sums(tokens, batch["position_ids"]).cpu())
     model.train(was_training)
     result = torch.cat(out).numpy().astype(np.float32)
     if run.master:

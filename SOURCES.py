@@ -237,13 +237,15 @@ def fingerprint(sources, *extra):
 
 # ---------------------------------------------------------------- rows
 
-def rows(source):
+def rows(source, every_column=False):
     """Yield (row, where) for every row of a source, in order: at most max_samples, each with LLM-MINI's keys
     (data.columns applied: a key mapped to a column reads that column, or its own where a source has no such
-    column; a key mapped to nothing is dropped)."""
+    column; a key mapped to nothing is dropped). every_column: the row's other columns too (GRPO's rewards read
+    them)."""
     mapped = {key: column for key, column in source.columns if column}
     own = [k for k in KEYS if k not in dict(source.columns)]  # keys read under their own name
     key_of = {column: key for key, column in mapped.items()} | {k: k for k in own}
+    other = lambda c: every_column and c not in key_of and c not in dict(source.columns)  # noqa: E731
 
     def select(columns, where):  # [(column, key)] worth reading: a mapped column where the data has it, else
         read = [(c, key_of[c]) for c in columns if c in key_of]  # the key's own name (a validation set's text)
@@ -255,7 +257,7 @@ def rows(source):
                                 f"has: {', '.join(columns)}){suggest(column, list(columns))}")
         if not read:
             raise UserError(unreadable(where, columns))
-        return read
+        return read + [(c, c) for c in columns if other(c) and (c, c) not in read]
 
     def rename(row):  # a JSON object, whose fields may differ from row to row
         if not isinstance(row, dict):  # for CHAT.parse to refuse, naming where
@@ -264,7 +266,7 @@ def rows(source):
         for key, column in mapped.items():
             if column in row or key in row:
                 out[key] = row[column] if column in row else row[key]
-        return out
+        return out | {k: v for k, v in row.items() if other(k) and k not in out}
     if source.format in ("saved", "repo"):
         found = dataset_rows(source, select)
     else:

@@ -27,8 +27,10 @@ import EVAL
 import LOSS
 import METRICS
 import MODEL
+import GRPO
 import PREFERENCE
 import RECOMPUTE
+import SFT
 import TOKENIZER
 from CHAT import with_template
 from CONFIG import UserError, log
@@ -44,6 +46,9 @@ def lr_at(step, t, total_steps):
     return t.learning_rate * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
 
 
+OBJECTIVES = {"sft": SFT.SFT, "dpo": PREFERENCE.DPO, "grpo": GRPO.GRPO}  # CONFIG.objective: the parts in SFT.py
+
+
 def param_groups(model, weight_decay):
     """Decay matrices (embeddings, linear weights); never biases or norm gains: decided by shape, not name."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -52,37 +57,77 @@ def param_groups(model, weight_decay):
 
 
 def setup(cfg, run):
-    """The output dir, the seed, and the tokenizer and model of a fresh or resumed run; cfg resolved against the
-    model (max_length), read-only from here on. -> (cfg, the data's sources (training, validation), tokenizer,
-    model, the checkpoint resumed or None)"""
-    t = cfg.training
-    DISTRIBUTED.check_fsdp(t, cfg.lora, run)
-    if run.master:
-        CHECKPOINT.prepare_out_dir(cfg)
-    DISTRIBUTED.barrier(run)
-    torch.manual_seed(t.seed)
-    if t.deterministic:  # cuBLAS needs a fixed workspace for repeatable matmuls (set before its first use)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+    """The run's ground, in a few steps: the output dir and seeds; the data's sources and kinds, checked against
+    the objective; the tokenizer and model of a fresh or resumed run, on the device; cfg resolved against the
+    model (max_length), read-only from here on. -> (cfg, the sources (training, validation), tokenizer, model,
+    the checkpoint resumed or None)"""
+    start(cfg, run)
     sources = DATA.sources(cfg.data)
-    kinds = DATA.check_loss_on(sources[0] + sources[1], cfg.data.loss_on)
-    PREFERENCE.check_data(kinds, t.dpo, cfg.model.from_scratch)
-    chat = bool({"messages", "preference"} & set(kinds.values()))  # the tokenizer needs a chat template
+    kinds = DATA.kinds(sources[0] + sources[1])
+    DATA.check_loss_on(kinds, cfg.data.loss_on)
+    check_kinds(kinds, cfg)
     resume = CHECKPOINT.resume_path(cfg)
+    chat = bool({"messages", "preference"} & set(kinds.values()))  # the tokenizer needs a chat template
     tokenizer, model = checkpoint_model(cfg, run, resume) if resume else new_model(cfg, run, chat, sources[0])
     model = model if getattr(model, "hf_quantizer", None) else model.to(run.device)  # a 4-bit base is on its GPU
     MODEL.fuse_activations(model)
     cfg, note = CONFIG.with_max_length(cfg, MODEL.context_length(model.config))
-    if note:
-        log(note)
-    changed = CHECKPOINT.changed_settings(resume, cfg) if resume else []
-    if changed:
-        log(f"note: resuming with settings that differ from the checkpoint's: {'; '.join(changed)}")
-    if (cfg.data.packing or cfg.training.dpo) and not MODEL.keeps_documents_apart(model, run.device):
-        what = "training.dpo" if cfg.training.dpo else "data.packing"  # a DPO pair is packed: chosen, then rejected
-        raise UserError(f"{what}: {model.config.model_type} lets packed documents attend to each other (it "
-                        "ignores restarting position ids)" + ("" if cfg.training.dpo else " - use --no-packing"))
+    for line in [note] + [f"note: resuming with settings that differ from the checkpoint's: {'; '.join(changed)}"
+                          for changed in [CHECKPOINT.changed_settings(resume, cfg) if resume else []] if changed]:
+        if line:
+            log(line)
     return cfg, sources, tokenizer, model, resume
+
+
+def start(cfg, run):
+    """Checks that need no data or model, the output dir (rank 0, the others wait), the seed, determinism."""
+    DISTRIBUTED.check_fsdp(cfg.training, cfg.lora, run)
+    if run.master:
+        CHECKPOINT.prepare_out_dir(cfg)
+    DISTRIBUTED.barrier(run)
+    torch.manual_seed(cfg.training.seed)
+    if cfg.training.deterministic:  # cuBLAS needs a fixed workspace for repeatable matmuls (set before its first use)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+def check_kinds(kinds, cfg):
+    """Every source holds what the run's objective trains on (DPO: preference pairs, GRPO: prompts alone, SFT:
+    the rest), and DPO and GRPO start from a trained model."""
+    name = CONFIG.objective(cfg.training)
+    if name != "sft" and cfg.model.from_scratch:
+        raise UserError(f"training.{name}: {name.upper()} tunes a trained model against itself - pass --model DIR "
+                        "(e.g. a supervised run's output), not --from-scratch")
+    for source, kind in kinds.items():
+        owner = next(n for n, o in OBJECTIVES.items() if kind in o.KINDS)
+        if owner == name:
+            continue
+        what = {"preference": 'preference pairs ({"prompt", "chosen", "rejected"})',
+                "prompt_only": 'prompts alone ({"prompt"} without a completion)'}.get(kind, f"{kind} samples")
+        if name == "sft":
+            raise UserError(f"{source}: holds {what} - add --{owner} to train on them ({owner.upper()}), or give "
+                            "supervised data")
+        wanted = {"dpo": 'preference pairs only ({"prompt", "chosen", "rejected"})',
+                  "grpo": 'prompts only ({"prompt"}, and the fields the rewards read)'}[name]
+        raise UserError(f"{source}: holds {what}, but --{name} trains on {wanted} - drop it, or train on it "
+                        + (f"with --{owner}" if owner != "sft" else f"without --{name}"))
+
+
+def objective_of(cfg, run, sources, tokenizer, scorer, resume):
+    """The run's objective (SFT.py lists its parts) with its data; rank 0 writes the caches first."""
+    t, pad = cfg.training, tokenizer.pad_token_id
+    if t.grpo:
+        return GRPO.GRPO(cfg, run, sources[0], tokenizer, scorer)
+    if (cfg.data.packing or t.dpo) and not MODEL.keeps_documents_apart(scorer.model, run.device):
+        what = "training.dpo" if t.dpo else "data.packing"  # a DPO pair is packed: chosen, then rejected
+        raise UserError(f"{what}: {scorer.model.config.model_type} lets packed documents attend to each other (it "
+                        "ignores restarting position ids)" + ("" if t.dpo else " - use --no-packing"))
+    data, val = DISTRIBUTED.rank0_first(run, lambda: BATCHES.load(cfg.data, sources, tokenizer, t.max_length, t.dpo))
+    if not t.dpo:
+        return SFT.SFT(data, val, run, t, pad)
+    # the reference is the model as it starts: its log-probabilities, computed once (rank 0 first)
+    reference = DISTRIBUTED.rank0_first(run, lambda: PREFERENCE.with_reference(cfg, run, scorer, data, pad, resume))
+    return PREFERENCE.DPO(data, reference, run, t, pad)
 
 
 def checkpoint_model(cfg, run, resume):
@@ -119,21 +164,6 @@ def starting_progress(resume, run, optimizer, model, t):
     return CHECKPOINT.Progress()
 
 
-def micro_batches(data, idx, t, run, pad_id):
-    """This rank's share of each micro-step of one optimizer step, on its device: the global batch idx (the same
-    list on every rank) is cut into t.grad_accum micro-steps of world x batch_size sequences."""
-    shares = [idx[(m * run.world + run.rank) * t.batch_size:][:t.batch_size] for m in range(t.grad_accum)]
-    batches = [BATCHES.collate(BATCHES.gather(data, share), pad_id) for share in shares]
-    if data.reference is not None:  # DPO: the reference log-probabilities of each row's pair
-        batches = [b | {"reference": torch.from_numpy(data.reference[share])} for b, share in zip(batches, shares)]
-    return [{k: v.to(run.device, non_blocking=True) for k, v in batch.items()} for batch in batches]
-
-
-def supervised(model, batch, n):
-    """SFT's micro-step loss: Σ of its token NLLs / n (the global batch's target tokens, per rank); no statistics."""
-    return model(**batch, num_items_in_batch=n, use_cache=False).loss, torch.zeros(0, device=n.device)
-
-
 def clip_gradients(model, max_norm):
     """Clip the global gradient norm to max_norm (0: no clipping) and return it (FSDP: gathered from shards)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
@@ -168,26 +198,22 @@ def train(cfg):
     run = DISTRIBUTED.init(cfg.model)  # rank, world, device and precision: built once, passed as one value
     cfg, sources, tokenizer, raw_model, resume = setup(cfg, run)
     t, pad = cfg.training, tokenizer.pad_token_id
-    data, val = DISTRIBUTED.rank0_first(run, lambda: BATCHES.load(cfg.data, sources, tokenizer, t.max_length, t.dpo))
-    val_idx = BATCHES.validation_subset(val, t)
-    if t.dpo:  # the reference is the model as it starts: its log-probabilities, computed once (rank 0 first)
-        data = DISTRIBUTED.rank0_first(run, lambda: PREFERENCE.with_reference(cfg, run, raw_model, data, pad, resume))
-    objective = PREFERENCE.objective(t.dpo_beta) if t.dpo else supervised  # (model, batch, n) -> loss, statistics
-    if t.chunked_loss and not t.dpo:  # before wrapping, so that DDP, FSDP and compile see the swap
-        LOSS.use_chunked(raw_model, run.device)
-    log(RECOMPUTE.apply(raw_model, t.recompute))  # before wrapping too: each decoder layer's own call changes
+    # body and head as one module whose forward is the loss's input, never the full logits (LOSS.py)
+    scorer = LOSS.Scorer(raw_model, chunked=t.chunked_loss and LOSS.chunks_exactly(raw_model, run.device) is None)
+    objective = objective_of(cfg, run, sources, tokenizer, scorer, resume)
+    val_idx = BATCHES.validation_subset(objective.val, t)
+    log(RECOMPUTE.apply(raw_model, t.recompute))  # before wrapping: each decoder layer's own call changes
     torch._dynamo.config.suppress_errors = t.compile  # where it cannot compile: eager, with a warning
-    model, sync_grads = DISTRIBUTED.wrap(raw_model, t, run)
-    eval_model = raw_model if run.world > 1 and not t.fsdp else model  # not DDP's wrapper: no gradient sync to set up
+    model, sync_grads = DISTRIBUTED.wrap(scorer, t, run)
+    eval_model = scorer if run.world > 1 and not t.fsdp else model  # not DDP's wrapper: no gradient sync to set up
     optimizer = torch.optim.AdamW(param_groups(raw_model, t.weight_decay), lr=t.learning_rate, betas=(t.beta1, t.beta2),
                                   fused=run.device.type in ("cuda", "cpu"))  # one kernel for all parameters
     progress = starting_progress(resume, run, optimizer, raw_model, t)
-    global_batch = t.batch_size * t.grad_accum * run.world
-    total_steps = t.max_steps or math.ceil(t.epochs * len(data) / global_batch)
-    log(METRICS.summary(cfg, run, raw_model, len(data), total_steps))
+    total_steps = t.max_steps or math.ceil(t.epochs * objective.size / objective.per_step)
+    log(METRICS.summary(cfg, run, scorer, f"{objective.size} {objective.unit}", total_steps))
     if resume:
         log(f"resumed from {resume} at step {progress.step}")
-    metrics = METRICS.open_log(cfg, run, total_steps, progress.step, resume)
+    metrics = METRICS.open_log(cfg, run, total_steps, progress.step, resume, objective.names)
 
     def save(name):  # collective: every rank calls it, rank 0 writes
         state = CHECKPOINT.training_state(run, optimizer, progress, raw_model if t.fsdp else None)
@@ -200,9 +226,9 @@ def train(cfg):
         for group in optimizer.param_groups:
             group["lr"] = lr
         ran = progress.step > started  # nothing is due where a run starts: step 0, or a checkpoint already saved
-        if ran and val and due(progress.step, t.eval_every, last):
+        if ran and objective.val and due(progress.step, t.eval_every, last):
             v0 = time.perf_counter()
-            val_loss = EVAL.validate(eval_model, val, val_idx, run, t.batch_size, pad)
+            val_loss = EVAL.validate(eval_model, objective.val, val_idx, run, t.batch_size, pad)
             METRICS.log_validation(metrics, progress.step, val_loss, len(val_idx), time.perf_counter() - v0)
             if t.save_best and val_loss < progress.best_val:
                 progress.best_val = val_loss
@@ -212,15 +238,13 @@ def train(cfg):
         if last:
             break
         t0 = time.perf_counter()
-        idx = BATCHES.sample_indices(progress.position, global_batch, len(data), t.seed)  # the same on all ranks
-        # each micro-batch's loss is its token NLL sum over the global batch's target tokens, so accumulation
-        # and ranks equal one big batch (DDP averages gradients over ranks: the count is divided by world)
-        n_targets = torch.tensor(max(1, int(data.scored[idx].sum())) / run.world, device=run.device)
-        step_sums = torch.zeros(len(metrics.names), device=run.device)  # the loss, then the objective's statistics
-        for micro_step, batch in enumerate(micro_batches(data, idx, t, run, pad)):
-            sync_grads(micro_step == t.grad_accum - 1)  # all-reduce once, on the last micro-step
+        step = objective.prepare(progress.position)  # this rank's micro-batches (GRPO: generated and rewarded)
+        t1 = time.perf_counter()
+        step_sums = torch.cat([torch.zeros(1, device=run.device), step.stats])  # the loss, the objective's statistics
+        for micro_step, batch in enumerate(step.micro_batches):
+            sync_grads(micro_step == len(step.micro_batches) - 1)  # all-reduce once, on the last micro-step
             with run.autocast:
-                loss, stats = objective(model, batch, n_targets)
+                loss, stats = objective.loss(model, batch, step.count)
             run.scaler.scale(loss).backward()
             step_sums += torch.cat([loss.detach()[None], stats.detach()])
         run.scaler.unscale_(optimizer)
@@ -232,9 +256,9 @@ def train(cfg):
             run.scaler.step(optimizer)
         run.scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        progress.step, progress.position = progress.step + 1, progress.position + global_batch
+        progress.step, progress.position = progress.step + 1, progress.position + objective.per_step
         progress.bad_steps = progress.bad_steps + 1 if bad else 0
-        METRICS.tally(metrics, step_sums, int(data.lengths[idx].sum()), time.perf_counter() - t0)
+        METRICS.tally(metrics, step_sums, step.tokens, t1 - t0, time.perf_counter() - t1)
         signum = stop()
         last = progress.step == total_steps or signum > 0 or progress.bad_steps >= t.max_bad_steps
         if due(progress.step, t.log_every, last):

@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import LOSS
 import RECOMPUTE
 from conftest import train, weights
-from test_loss import ARCHS, assert_same, batch, loss_and_grads, tiny
+from test_loss import ARCHS, assert_same, batch, loss_and_grads, scorer_loss_and_grads, tiny
 
 
 def seeded_loss_and_grads(model, b):
@@ -19,11 +19,15 @@ def seeded_loss_and_grads(model, b):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_same_loss_and_gradients_as_keeping_everything(arch, mode):
     model = tiny(arch).train()  # dropout on (gpt2's config default): layers recompute in training mode only
-    assert LOSS.use_chunked(model, "cpu") is None
+    scorer = LOSS.Scorer(model, chunked=True)  # as TRAIN.py computes the loss
+
+    def seeded(b):
+        torch.manual_seed(5)
+        return scorer_loss_and_grads(scorer, b)
     b = batch(97)
-    kept = seeded_loss_and_grads(model, b)
+    kept = seeded(b)
     assert "2 layers recompute" in RECOMPUTE.apply(model, mode)
-    assert_same(kept, seeded_loss_and_grads(model, b))
+    assert_same(kept, seeded(b))
 
 
 def test_same_with_lora_where_only_the_adapters_train():

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from BATCHES import collate, count_targets, plain
-from TRAIN import due, lr_at, micro_batches, param_groups
+from BATCHES import micro_batches
+from TRAIN import due, lr_at, param_groups
 from CONFIG import TrainingCfg
 from DISTRIBUTED import Run
 from conftest import run, train, weights
@@ -189,9 +190,9 @@ def test_micro_batches_give_each_rank_its_share_of_each_micro_step():
     first = lambda batch: [int(row[0]) for row in batch["input_ids"]]  # token i*10 starts document i
     for rank, expected in ((0, [[70, 60], [30, 20]]), (1, [[50, 40], [10, 0]])):
         got = micro_batches(data, idx, TrainingCfg(batch_size=2, grad_accum=2), Run(rank=rank, world=2), 0)
-        assert [first(b) for b in got] == expected
+        assert [first(b) for _, b in got] == expected
     got = micro_batches(data, idx, TrainingCfg(batch_size=4, grad_accum=2), Run(), 0)
-    assert [first(b) for b in got] == [[70, 60, 50, 40], [30, 20, 10, 0]]
+    assert [first(b) for _, b in got] == [[70, 60, 50, 40], [30, 20, 10, 0]]
 
 
 @pytest.mark.parametrize("step, every, last, expected", [(10, 10, False, True), (11, 10, False, False),
