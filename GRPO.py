@@ -181,9 +181,12 @@ class GRPO:
         t, run, g = self.t, self.run, self.t.num_generations
         idx = BATCHES.sample_indices(position, self.per_step, self.size, t.seed)  # the same on every rank
         share = len(idx) // run.world
-        prompts = [self.prompts[i] for i in idx[run.rank * share:(run.rank + 1) * share] for _ in range(g)]
-        answers = self.sample(prompts)
-        group = [(p, row.text, row.new_ids) for p, row in zip(prompts, answers)]
+        first = run.rank * share  # this rank's prompts: positions position + first … of the seeded order
+        prompts = [self.prompts[i] for i in idx[first:first + share] for _ in range(g)]
+        answers = [row for j in range(share) for row in self.sample(prompts[j * g:(j + 1) * g], position + first + j)]
+        # what the reward functions receive, as TRL gives it: a conversation's completion is a list of messages
+        group = [(p, [{"role": "assistant", "content": row.text}] if isinstance(p.prompt, list) else row.text,
+                  row.new_ids) for p, row in zip(prompts, answers)]
         per_func = torch.tensor(np.stack([call_reward(spec, fn, group) for spec, fn in self.rewards], 1))  # (n, F)
         rewards = (per_func * self.weights).nansum(1).masked_fill(per_func.isnan().all(1), math.nan)  # (n,)
         advantages, group_std = group_advantages(rewards, g)
@@ -199,14 +202,19 @@ class GRPO:
         count = torch.tensor(max(totals["completion tokens"], 1.0) / run.world, device=run.device)
         return Step(batches, count, int(totals["tokens"]), self.stats(totals))
 
-    def sample(self, prompts):
-        """GENERATE's batched sampling from the current weights (eval mode: no dropout), in the run's precision."""
+    def sample(self, group, position):
+        """One prompt's completions, from the current weights (eval mode: no dropout) in the run's precision,
+        sampled with their own seed (the run's seed and the prompt's position in the seeded order), so that
+        they do not depend on how prompts are split over ranks and micro-batches, and training's own random
+        state (dropout) is left as it was."""
         model = self.scorer.model
         was_training = model.training
         model.eval()
+        devices = [self.run.device] if self.run.device.type == "cuda" else []
         try:
-            with self.run.autocast:
-                return GENERATE.generate(model, self.tokenizer, [GENERATE.Row(p.ids, self.options) for p in prompts])
+            with torch.random.fork_rng(devices=devices), self.run.autocast:
+                torch.manual_seed(self.t.seed * 1_000_003 + position)
+                return GENERATE.generate(model, self.tokenizer, [GENERATE.Row(p.ids, self.options) for p in group])
         finally:
             model.train(was_training)
 
