@@ -145,28 +145,34 @@ def dumper(path, top_k):
 
 
 def plot_metrics(out_dir):
-    """out_dir/loss.png: training loss (and validation loss when logged) and learning rate over steps."""
+    """out_dir/loss.png: training loss (and validation loss when logged) and learning rate over steps; for a
+    GRPO run out_dir/reward.png: the mean reward (and each reward function's) instead of the loss."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise UserError(f"{path}: no metrics to plot - pass the --out directory of a training run")
     need("matplotlib", "the loss plot").use("Agg")
     import matplotlib.pyplot as plt  # optional: only the plot needs it
     rows = [json.loads(line) for line in open(path) if line.strip()]
+    rewarded = any("reward" in r for r in rows)
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))
-    ax.plot([r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r], label="train loss")
+    curves = sorted({k for r in rows for k in r if k == "reward" or k.startswith("rewards/") and k.endswith("/mean")})
+    for name in curves if rewarded else ["loss"]:
+        ax.plot([r["step"] for r in rows if name in r], [r[name] for r in rows if name in r],
+                label=name if rewarded else "train loss", linewidth=2 if name in ("reward", "loss") else 1)
     val = [r for r in rows if "val_loss" in r]
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("mean reward" if rewarded else "loss (nats/token)")
     ax.legend()
     ax.grid(alpha=0.3)
     ax_lr.plot([r["step"] for r in rows if "lr" in r], [r["lr"] for r in rows if "lr" in r], color="gray")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimizer step")
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=100)
+    out = os.path.join(out_dir, "reward.png" if rewarded else "loss.png")
+    fig.savefig(out, dpi=100)
     plt.close(fig)
-    return os.path.join(out_dir, "loss.png")
+    return out
 
 
 def main(argv):

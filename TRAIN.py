@@ -286,7 +286,7 @@ def finish(run, cfg, raw_model, tokenizer):
             CHECKPOINT.write_model_dir(os.path.join(out, "merged"), raw_model.merge_and_unload(), tokenizer, cfg)
             log(f"merged model (no peft needed) in {out}/merged")
         if importlib.util.find_spec("matplotlib"):  # optional: without it, EVAL.py --plot OUT says what to install
-            log(f"loss curve: {EVAL.plot_metrics(out)}")
+            log(f"curve: {EVAL.plot_metrics(out)}")
         log(f"done: model in {out}/ - try: python INFER.py --model {out} --prompt \"...\"")
     DISTRIBUTED.barrier(run)
 

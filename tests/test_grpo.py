@@ -242,3 +242,19 @@ def test_weights_change_only_where_the_reward_pushes(base, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert rows(tmp_path / "out")[0]["frac_reward_zero_std"] == 1.0
     assert same_weights(tmp_path / "out", base / "base")
+
+
+def test_the_documented_example_builds_its_prompts_and_checks_names(tmp_path):
+    r = subprocess.run([sys.executable, "docs/grpo_names.py", "data/train.jsonl", "5"], cwd=ROOT, capture_output=True,
+                       text=True)
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.returncode == 0 and len(rows) == 5 and all("Answer with just their name" in row["prompt"][0]["content"]
+                                                        and row["passage"] in row["prompt"][0]["content"] for row in rows)
+    sys.path.insert(0, f"{ROOT}/docs")
+    import grpo_names
+    passage = ["Lady Russell, indeed, was fond of Anne."]
+    said = lambda text: [[{"role": "assistant", "content": text}]]  # noqa: E731
+    assert grpo_names.name_only(None, said("Lady Russell."), passage) == [1.0]
+    assert grpo_names.name_only(None, said("The passage mentions Lady Russell."), passage) == [0.0]
+    assert grpo_names.name_only(None, said("Mr Darcy"), passage) == [0.0]  # not in the passage
+    assert grpo_names.mentions(None, said("The passage mentions Lady Russell."), passage) == [1.0]
