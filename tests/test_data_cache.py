@@ -69,7 +69,7 @@ def test_packing_keeps_every_target_once_and_documents_whole(lengths, max_length
     assert all(len(ids) <= max_length for ids, _, _ in rows)
     targets = sorted(int(t) for _, labels, _ in rows for t in labels if t != -100)
     assert targets == [i for i in range(c.ends[-1]) if c.mask[i]]
-    assert seqs.scored.tolist() == [int((labels != -100).sum()) for _, labels, _ in rows]
+    assert seqs.targets.tolist() == [int((labels != -100).sum()) for _, labels, _ in rows]
     seen = {}  # token -> [(row, position)]
     for row, (ids, _, positions) in enumerate(rows):
         for t, p in zip(ids.tolist(), positions.tolist()):
