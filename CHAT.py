@@ -29,8 +29,8 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 
 
 def parse(obj, where):
-    """One .jsonl object -> (kind, sample): kind is text, messages, prompt or preference. Raises UserError naming
-    `where`."""
+    """One .jsonl object -> (kind, sample): kind is text, messages, prompt, preference or prompt_only. Raises
+    UserError naming `where`."""
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object like {{\"text\": \"…\"}}, got a {type(obj).__name__}")
     if "messages" in obj:

@@ -291,6 +291,9 @@ def rules(cfg):
         errors.append("training.reward: --grpo needs at least one reward function - pass --reward FILE.py:NAME")
     if t.reward and not t.grpo:
         errors.append("training.reward: reward functions are for --grpo - add it, or drop --reward")
+    if t.grpo and (cfg.data.val_files or cfg.data.val_fraction or t.save_best):
+        errors.append("data.val_files / val_fraction, training.save_best: --grpo holds out no validation data - its "
+                      "progress is in its rewards; drop them")
     if t.grpo and (t.batch_size * t.grad_accum) % t.num_generations:
         errors.append(f"training.batch_size x grad_accum ({t.batch_size} x {t.grad_accum}) must be a multiple of "
                       f"num_generations ({t.num_generations}): each process trains on whole groups of completions")

@@ -186,6 +186,10 @@ def main(argv):
     data, _ = sources(cfg.data)
     found = kinds(data)
     check_loss_on(found, cfg.data.loss_on)
+    alone = next((name for name, kind in found.items() if kind == "prompt_only"), None)
+    if alone:
+        raise UserError(f"{alone}: holds prompts alone - there is no answer to score; give completions, "
+                        "conversations or text")
     chat = "messages" in found.values()
     no_padding_warning()
     model = load_for_use(cfg.model, "score")

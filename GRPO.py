@@ -19,6 +19,9 @@ import dataclasses
 import importlib.util
 import math
 import os
+import sys
+import traceback
+import types
 
 import numpy as np
 import torch
@@ -30,9 +33,17 @@ import GENERATE
 import LOSS
 import MODEL
 from BATCHES import Step
-from CHAT import parse, with_template
+from CHAT import parse, template, with_template
 from CONFIG import UserError, first_line, log, suggest
 from SOURCES import rows
+
+
+# what a model's generation_config.json may set that would change the distribution sampled from, set back to
+# nothing as TRL does: the completions must come from the temperature-scaled policy that the loss scores
+NEUTRAL = dict(repetition_penalty=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+               no_repeat_ngram_size=0)
+# the names a reward function is called with; a column of the data may not take one of them
+CALL = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +64,19 @@ def read_prompts(sources, tokenizer, room):
             if kind != "prompt_only":
                 raise UserError(f"{where}: a {kind} row among prompts - --grpo trains on rows of a prompt alone "
                                 "({\"prompt\": …} and the fields the rewards read)")
-            text = sample["prompt"]
+            text, clash = sample["prompt"], next((k for k in row if k in CALL), None)
+            if clash:
+                raise UserError(f"{where}: a column named {clash!r}, the name of an argument of the reward functions "
+                                f"- rename it (--columns cannot: it maps to LLM-MINI's keys)")
             if isinstance(text, list):  # a conversation: through the template (ChatML where the tokenizer has none)
-                ids = GENERATE.chat_ids(with_template(tokenizer), text)
+                rendered = template(with_template(tokenizer), text, where, generation_prompt=True)
+                ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]  # the template holds BOS etc.
             else:
                 ids = tokenizer(text)["input_ids"]  # as INFER.py feeds a prompt
             long += len(ids) > room
             prompts.append(Prompt(ids[-room:], row["prompt"], {k: v for k, v in row.items() if k != "prompt"}, where))
     if long:
-        log(f"warning: {long} prompts are longer than {room} tokens (the context less max_completion_length); "
+        log(f"warning: {long} prompts are longer than {room} tokens (max_length less max_completion_length); "
             "their beginnings were dropped")
     return prompts
 
@@ -82,32 +97,39 @@ def load_rewards(specs):
             names = [n for n in vars(modules[path]) if callable(getattr(modules[path], n)) and not n.startswith("_")]
             raise UserError(f"{path}: no function {name!r} (--reward {spec}); it has: {', '.join(names) or 'none'}"
                             f"{suggest(name, names)}")
+        if any(other.rpartition(":")[2] == name for other, _ in found):
+            raise UserError(f"training.reward: two functions named {name!r} - their rewards/{name}/mean would be one; "
+                            "rename one")
         found.append((spec, fn))
     return found
 
 
 def import_file(path):
     """A user's Python file as a module, its own errors reported in one line naming file and line."""
-    spec = importlib.util.spec_from_file_location(f"reward_{abs(hash(os.path.realpath(path)))}", path)
+    name = f"reward_{abs(hash(os.path.realpath(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would (dataclasses and pickling look it up)
     try:
         spec.loader.exec_module(module)
     except Exception as e:
-        tb = e.__traceback__
-        while tb.tb_next:
-            tb = tb.tb_next
-        line = getattr(e, "lineno", None) if isinstance(e, SyntaxError) else tb.tb_lineno
+        frames = traceback.extract_tb(e.__traceback__)
+        mine = [f.lineno for f in frames if os.path.realpath(f.filename) == os.path.realpath(path)]
+        line = e.lineno if isinstance(e, SyntaxError) else (mine[-1] if mine else "")
         raise UserError(f"{path}:{line}: importing the reward file failed ({type(e).__name__}: {first_line(e, 160)})")
     return module
 
 
-def call_reward(spec, fn, group):
-    """fn's rewards (n,) float64, NaN for None, of the completions `group` [(Prompt, text, ids)]; an error names
-    the function and the first prompt it fails on."""
+def call_reward(spec, fn, group, step):
+    """fn's rewards (n,) float64, NaN for None, of the completions `group` [(Prompt, text, ids)], called as TRL
+    calls it (with trainer_state.global_step, and loggers that log nothing); an error names the function and the
+    first prompt it fails on."""
     def call(part):
-        columns = {k: [p.columns.get(k) for p, _, _ in part] for k in part[0][0].columns}
+        keys = dict.fromkeys(k for p, _, _ in part for k in p.columns)  # every row's fields, None where absent
+        columns = {k: [p.columns.get(k) for p, _, _ in part] for k in keys}
         return fn(prompts=[p.prompt for p, _, _ in part], completions=[c for _, c, _ in part],
-                  completion_ids=[ids for _, _, ids in part], **columns)
+                  completion_ids=[ids for _, _, ids in part], trainer_state=types.SimpleNamespace(global_step=step),
+                  log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None, **columns)
     try:
         out = list(call(group))
     except Exception as e:
@@ -158,15 +180,14 @@ class GRPO:
             self.weights = torch.tensor([float(w) for w in t.reward_weights] or [1.0] * len(self.rewards))
         except ValueError:
             raise UserError(f"training.reward_weights: {t.reward_weights} - give numbers")
-        context = GENERATE.context_of(scorer.model)
-        if t.max_completion_length >= context:
+        if t.max_completion_length >= t.max_length:  # a prompt and its completion fit in max_length
             raise UserError(f"training.max_completion_length: {t.max_completion_length} leaves no room for a prompt "
-                            f"in the model's context of {context} tokens - lower it")
-        self.prompts = read_prompts(sources, tokenizer, context - t.max_completion_length)
+                            f"in max_length {t.max_length} - lower it, or raise --max-length")
+        self.prompts = read_prompts(sources, tokenizer, t.max_length - t.max_completion_length)
         self.size, self.per_step = len(self.prompts), t.batch_size * t.grad_accum * run.world // t.num_generations
         stops, eos = GENERATE.stops_and_eos(tokenizer, [], chat=any(isinstance(p.prompt, list) for p in self.prompts))
         self.options = GENERATE.Options(t.max_completion_length, GENERATE.sampling_of(
-            False, t.grpo_temperature, 0, 1.0), stops, eos)  # TRL's sampling: all tokens, temperature only
+            False, t.grpo_temperature, 0, 1.0) | NEUTRAL, stops, eos)  # TRL's sampling: all tokens, temperature only
         self.names = ("reward", "reward_std", *(f"rewards/{name.rpartition(':')[2]}/mean" for name, _ in self.rewards),
                       "frac_reward_zero_std", "completions/mean_length", "clip_ratio/region_mean") + (
                       ("kl",) if t.grpo_beta else ())
@@ -187,7 +208,8 @@ class GRPO:
         # what the reward functions receive, as TRL gives it: a conversation's completion is a list of messages
         group = [(p, [{"role": "assistant", "content": row.text}] if isinstance(p.prompt, list) else row.text,
                   row.new_ids) for p, row in zip(prompts, answers)]
-        per_func = torch.tensor(np.stack([call_reward(spec, fn, group) for spec, fn in self.rewards], 1))  # (n, F)
+        step = position // self.per_step
+        per_func = torch.tensor(np.stack([call_reward(spec, fn, group, step) for spec, fn in self.rewards], 1))  # (n, F)
         rewards = (per_func * self.weights).nansum(1).masked_fill(per_func.isnan().all(1), math.nan)  # (n,)
         advantages, group_std = group_advantages(rewards, g)
         seqs = [(np.array(p.ids + ids), np.array([-100] * len(p.ids) + ids), np.arange(len(p.ids) + len(ids)))
@@ -196,7 +218,7 @@ class GRPO:
         for m in range(t.grad_accum):
             members = list(range(m * t.batch_size, (m + 1) * t.batch_size))
             batch = BATCHES.on(run, BATCHES.collate([seqs[i] for i in members], self.tokenizer.pad_token_id)
-                               | {"advantages": advantages[members]})
+                               | {"advantages": advantages[members].float()})
             batches.append(batch | ({"reference": self.reference_logps(batch)} if self.reference else {}))
         totals = self.totals(per_func, rewards, group_std, group, seqs)
         count = torch.tensor(max(totals["completion tokens"], 1.0) / run.world, device=run.device)
@@ -210,9 +232,10 @@ class GRPO:
         model = self.scorer.model
         was_training = model.training
         model.eval()
-        devices = [self.run.device] if self.run.device.type == "cuda" else []
+        kind = self.run.device.type  # the device's generator is forked too (CUDA, MPS); the CPU's always is
         try:
-            with torch.random.fork_rng(devices=devices), self.run.autocast:
+            with torch.random.fork_rng(devices=[] if kind == "cpu" else [self.run.device],
+                                       device_type="cuda" if kind == "cpu" else kind), self.run.autocast:
                 torch.manual_seed(self.t.seed * 1_000_003 + position)
                 return GENERATE.generate(model, self.tokenizer, [GENERATE.Row(p.ids, self.options) for p in group])
         finally:
@@ -224,9 +247,14 @@ class GRPO:
         under LoRA, else the separate copy (reference_of)."""
         scorer, adapter = self.reference
         off = scorer.model.disable_adapter() if adapter else contextlib.nullcontext()
-        with off, self.run.autocast:
-            return scorer(batch["input_ids"], batch["position_ids"], batch["labels"], per_token=True,
-                          temperature=self.t.grpo_temperature)
+        was_training = scorer.model.training
+        scorer.model.eval()  # no dropout: the reference is the model as it is, as DPO's
+        try:
+            with off, self.run.autocast:
+                return scorer(batch["input_ids"], batch["position_ids"], batch["labels"], per_token=True,
+                              temperature=self.t.grpo_temperature)
+        finally:
+            scorer.model.train(was_training)
 
     def totals(self, per_func, rewards, group_std, group, seqs):
         """The step's sums over every rank (one all-reduce): what the statistics and the count are made of."""
@@ -238,13 +266,15 @@ class GRPO:
         for i, (name, _) in enumerate(self.rewards):
             scored = ~per_func[:, i].isnan()
             values |= {f"{name} sum": per_func[scored, i].sum(), f"{name} n": scored.sum()}
-        stacked = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=self.run.device)
+        on = self.run.device if self.run.world > 1 else "cpu"  # collectives need the device; MPS has no float64
+        stacked = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=on)
         if self.run.world > 1:
             dist.all_reduce(stacked)
         return dict(zip(values, stacked.tolist()))
 
     def stats(self, s):
-        """The statistics known before the forward, as TRL names them: the global value on every rank."""
+        """The statistics known before the forward, as TRL names them: the global batch's value on every rank (so
+        that their mean over ranks, what METRICS logs, is that value)."""
         n = max(s["rewarded"], 1)
         mean = s["rewards"] / n
         std = math.sqrt(max(s["rewards²"] - n * mean ** 2, 0.0) / max(n - 1, 1))

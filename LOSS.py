@@ -1,7 +1,7 @@
 """What every objective's loss is made of, without the full logits: the model's body and its output head as one
 module, `Scorer`, whose forward returns the summed NLL of the target tokens (SFT, validation) or each target
 token's log-probability (DPO, GRPO). DDP, FSDP and torch.compile wrap the Scorer; checkpoints save the model
-it holds, which is never changed.
+it holds, whose forward is never swapped: `model(...)` anywhere else returns its own logits.
 
 transformers computes logits for every position (batch x seq x vocab, upcast to fp32) and keeps them, their
 log-softmax and their gradient alive until backward: at 4 x 1024 tokens and SmolLM2's 49k vocabulary that
@@ -14,7 +14,8 @@ to the vocabulary, a few hundred rows at a time:
 
 Peak extra memory is one chunk's logits (CHUNK_ELEMENTS floats) instead of several full copies. `chunks_exactly`
 checks on the model itself that this gives its own loss; where it does not (logit soft-capping, scaled logits,
-a custom loss), the Scorer reads the model's full logits instead, with the same results and reductions.
+a custom loss), and with --no-chunked-loss, the Scorer calls the model's own forward: its own loss for the NLL
+sum, its full logits for per-token log-probabilities.
 """
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 class LinearLogprobs(torch.autograd.Function):
-    """log softmax(h @ W.T (+ b)) / temperature)[y] for each row (N,), chunked over rows in forward and again in
+    """log_softmax((h @ W.T + b) / temperature)[y] for each row (N,), chunked over rows in forward and again in
     backward, where d logp / d logits = onehot - softmax, each row scaled by its grad_output. Backward repeats
     forward's matmul in forward's dtype (autocast's, which is not active in backward)."""
 
@@ -122,27 +123,29 @@ class Scorer(torch.nn.Module):
 
     def forward(self, input_ids, position_ids, labels, per_token=False, temperature=1.0):
         targets = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, T): what each position predicts
-        keep = targets != -100
         if self.chunked:
             base = unwrap(self.model)
             hidden = base.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
-            head = base.get_output_embeddings()
-            h, y = hidden[keep], targets[keep]  # (N, H), (N,): only the positions that are scored
-            if not per_token:
-                return LinearCrossEntropy.apply(h, head.weight, head.bias, y, torch.is_grad_enabled())
-            logps = chunk_logps(h, head, y, temperature)
-        else:
-            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-            logits, y = logits[keep].float(), targets[keep]  # (N, V)
-            if not per_token:
-                return F.cross_entropy(logits, y, reduction="sum")
-            logps = (logits / temperature).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+            return head_scores(hidden, base.get_output_embeddings(), targets, per_token, temperature)
+        if not per_token:  # the model's own loss: Σ NLL when divided by 1
+            return self.model(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False,
+                              num_items_in_batch=torch.tensor(1, device=labels.device)).loss
+        logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        keep = targets != -100
+        logps = (logits[keep].float() / temperature).log_softmax(-1).gather(1, targets[keep][:, None]).squeeze(1)
         return torch.zeros(keep.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
 
 
 @torch.compiler.disable  # eager under --compile: it is matmuls already, and its row count varies per batch
-def chunk_logps(h, head, y, temperature):
-    return LinearLogprobs.apply(h, head.weight, head.bias, y, temperature)
+def head_scores(hidden, head, targets, per_token, temperature):
+    """The head's Σ NLL of the targets (B, T) (-100: none), or their (B, T) log-probabilities (0 where none), from
+    the hidden states (B, T, H): only the positions with a target are projected to the vocabulary."""
+    keep = targets != -100
+    h, y = hidden[keep], targets[keep]  # (N, H), (N,)
+    if not per_token:
+        return LinearCrossEntropy.apply(h, head.weight, head.bias, y, torch.is_grad_enabled())
+    logps = LinearLogprobs.apply(h, head.weight, head.bias, y, temperature)
+    return torch.zeros(keep.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
 
 
 def unwrap(model):

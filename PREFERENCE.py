@@ -81,21 +81,6 @@ class DPO:
         return losses.sum() / pairs, stats / pairs
 
 
-def check_data(kinds, dpo, from_scratch):
-    """--dpo trains a pretrained model on preference files only, and preference files need --dpo."""
-    pairs = [p for p, kind in kinds.items() if kind == "preference"]
-    if dpo and from_scratch:
-        raise UserError("training.dpo: DPO tunes a trained model against itself - pass --model DIR (e.g. a "
-                        "supervised run's output), not --from-scratch")
-    other = next((p for p, kind in kinds.items() if kind != "preference"), None)
-    if dpo and other:
-        raise UserError(f"{other}: holds {kinds[other]} samples, but --dpo trains on preference pairs only "
-                        "({\"prompt\", \"chosen\", \"rejected\"}) - drop the file or train on it without --dpo")
-    if pairs and not dpo:
-        raise UserError(f"{pairs[0]}: holds preference pairs ({{\"prompt\", \"chosen\", \"rejected\"}}) - add --dpo "
-                        "to train on them (DPO), or give supervised data")
-
-
 def with_reference(cfg, run, scorer, seqs, pad_id, resume):
     """The reference log-probabilities of the pairs (N, 2): from the cache beside the token cache, or computed
     from the model as it starts (a resumed full fine-tune has moved away from the reference)."""

@@ -258,3 +258,28 @@ def test_the_documented_example_builds_its_prompts_and_checks_names(tmp_path):
     assert grpo_names.name_only(None, said("The passage mentions Lady Russell."), passage) == [0.0]
     assert grpo_names.name_only(None, said("Mr Darcy"), passage) == [0.0]  # not in the passage
     assert grpo_names.mentions(None, said("The passage mentions Lady Russell."), passage) == [1.0]
+
+
+def test_sampling_ignores_what_the_models_generation_config_would_change(base, tmp_path):
+    """A repetition penalty or n-gram ban in generation_config.json would sample from another distribution than
+    the one the loss scores: GRPO samples as TRL does, from the temperature-scaled policy alone."""
+    import shutil
+    shutil.copytree(base / "base", tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "generation_config.json").read_text())
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps(
+        config | {"repetition_penalty": 5.0, "no_repeat_ngram_size": 2}))
+    grpo(tmp_path / "plain", base, "--max-steps", "1")
+    r = run("TRAIN.py", "--model", tmp_path / "model", "--data", base / "prompts.jsonl", "--out", tmp_path / "penalised",
+            "--reward", f"{base}/rewards.py:has_e", *RUN, "--max-steps", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert rows(tmp_path / "penalised")[0]["reward"] == rows(tmp_path / "plain")[0]["reward"]
+
+
+def test_a_column_named_like_a_reward_argument_is_refused_and_eval_refuses_prompts(base, tmp_path):
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text(json.dumps({"prompt": "a b", "completions": 3}) + "\n")
+    r = run("TRAIN.py", "--model", base / "base", "--data", clash, "--out", tmp_path / "out",
+            "--reward", f"{base}/rewards.py:has_e", *RUN, "--max-steps", "1")
+    assert r.returncode == 2 and f"{clash}:1: a column named 'completions'" in r.stderr
+    r = run("EVAL.py", "--model", base / "base", "--data", base / "prompts.jsonl")
+    assert r.returncode == 2 and "holds prompts alone - there is no answer to score" in r.stderr
