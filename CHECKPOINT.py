@@ -7,6 +7,7 @@ sibling, flushed to disk and renamed into place when complete (ATOMIC.py), so th
 is always whole, even after a power cut.
 """
 import dataclasses
+import json
 import os
 import pickle
 import re
@@ -25,7 +26,15 @@ from DISTRIBUTED import barrier
 
 STATE = "training_state.pt"
 CONFIG_FILE = "train_config.yaml"
+METRICS_FILE = "metrics.jsonl"
 FULL = dict(full_state_dict=True, cpu_offload=True)
+# what a run writes into OUT: checkpoints, the merged model, its log, config and curves, and the final model's and
+# tokenizer's files (save_pretrained's names); anything else there is the user's and is never removed
+RUN_FILE = re.compile(r"ckpt-step-\d+|ckpt-best|merged|final|metrics\.jsonl|train_config\.yaml|(loss|reward)\.png"
+                      r"|(generation_|adapter_)?config\.json|(adapter_)?model(-\d+-of-\d+)?\.safetensors"
+                      r"|model\.safetensors\.index\.json|tokenizer(_config)?\.json|tokenizer\.model"
+                      r"|special_tokens_map\.json|added_tokens\.json|chat_template\.(jinja|json)|vocab\.(json|txt)"
+                      r"|merges\.txt")
 
 
 @dataclasses.dataclass
@@ -110,22 +119,47 @@ def save_final(out_dir, model, tokenizer, cfg, state_dict=None):
 
 
 def prepare_out_dir(cfg):
-    """Refuse to start over a previous run unless told to; clear half-written checkpoints of killed runs."""
+    """Refuse to start over a previous run unless told to (--overwrite: remove all of it, keep anything else);
+    clear half-written checkpoints of killed runs."""
     out = cfg.output.dir
     os.makedirs(out, exist_ok=True)
     clear_stale(out)
     previous = [p for _, p in checkpoints(out)] + [p for p in ("model.safetensors", "adapter_model.safetensors")
                                                    if os.path.exists(os.path.join(out, p))]
-    if cfg.training.resume is None and previous:
-        if not cfg.output.overwrite:
-            raise UserError(f"{out}: already holds a training run ({', '.join(os.path.basename(p) for p in previous)})"
-                            " - continue it with --resume auto, pick another --out, or pass --overwrite")
-        for _, p in checkpoints(out):
-            shutil.rmtree(p)
-        for name in ("metrics.jsonl",):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-        log(f"--overwrite: removed the previous run's checkpoints and metrics in {out}")
+    if cfg.training.resume is not None or not previous:
+        return
+    if not cfg.output.overwrite:
+        raise UserError(f"{out}: already holds a training run ({', '.join(os.path.basename(p) for p in previous)})"
+                        " - continue it with --resume auto, pick another --out, or pass --overwrite")
+    mine = [n for n in os.listdir(out) if is_run_file(out, n)]
+    for name in mine:
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    kept = sorted(set(os.listdir(out)) - set(mine))
+    log(f"--overwrite: removed the previous run in {out} ({len(mine)} files and folders)"
+        + (f"; kept {', '.join(kept)}: not a training run's" if kept else ""))
+
+
+def is_run_file(out, name):
+    """Whether OUT/name is something a training run writes (peft's model card too: a README.md that says so)."""
+    if name == "README.md":
+        with open(os.path.join(out, name), encoding="utf-8", errors="replace") as fh:
+            return "library_name: peft" in fh.read(4096)
+    return RUN_FILE.fullmatch(name) is not None
+
+
+def open_metrics(cfg, step, resumed):
+    """OUT/metrics.jsonl open for appending, from `step` on (a resumed run's rows after it are dropped: those
+    steps run again), after OUT/train_config.yaml is written: rank 0's part of the run's log on disk."""
+    out, path = cfg.output.dir, os.path.join(cfg.output.dir, METRICS_FILE)
+    if resumed and os.path.exists(path):
+        with open(path) as fh:
+            rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as fh:
+            fh.writelines(rows)
+    with open(os.path.join(out, CONFIG_FILE), "w") as fh:
+        fh.write(CONFIG.dump(cfg))
+    return open(path, "a")
 
 
 def resume_path(cfg):

@@ -2,7 +2,8 @@
 
 Every setting is a field of a dataclass below; nothing else names a setting. A field `training.batch_size`
 is the YAML key `training: {batch_size: …}` and the flag `--batch-size` (or `--training.batch-size`).
-Precedence: field default < YAML file (--config, default ./config.yaml) < command-line flags.
+Precedence, in full in load(): defaults < the YAML file < flags < the defaults of the run's purpose, which
+fill only what is still unset.
 
 This file is the schema (read it top to bottom: sections, then the defaults that depend on the run's
 purpose) and load(), what every script calls. The generic machinery that turns any such schema into
@@ -206,10 +207,9 @@ class ExportCfg:
         None, "weight type - onnx: f32 (default) or int8 (matmul weights); gguf: f16 (default, as llama.cpp), f32 "
               "or q8_0, with norms, biases and position embeddings kept f32")
     overwrite: bool = opt(False, "replace an existing --out file (once the new one is verified)")
-    min_agreement: float = opt(0.99, "gguf f16/q8_0, onnx int8: the share of next-token predictions the runtime "
-                                     "must pick as PyTorch does (lower it for small models that quantisation moves "
-                                     "more)",
-                               min=0, at_most=1)
+    min_agreement: Optional[float] = opt(None, "gguf f16/q8_0, onnx int8: the share of next-token predictions the "
+                                               "runtime must pick as PyTorch does; default 0.99 (lower it for small "
+                                               "models that quantisation moves more)", min=0, at_most=1)
 
 
 @dataclass(frozen=True)
@@ -307,53 +307,87 @@ EXPORT_SECTIONS = ("model", "export")
 SCRIPTS = {"TRAIN.py": TRAIN_SECTIONS, "INFER.py": INFER_SECTIONS, "EVAL.py": EVAL_SECTIONS, "EXPORT.py": EXPORT_SECTIONS}
 
 
-def load(argv, sections=TRAIN_SECTIONS, description=None, config_default="config.yaml"):
-    """Parse flags and the YAML file into a Config; returns (cfg, the keys set on the command line, --debug).
+@dataclass(frozen=True)
+class Resolved:
+    """What load decided for the user, to say before anything runs."""
+    summary: Optional[str]  # the first log line of a training run: the file read, what was dropped and chosen
+    notes: dict             # {"section.key": why}: the values chosen for the user, marked in --print-config
+    sections: tuple
+    print_only: bool        # --print-config: print the config (print_config) instead of running
 
-    config_default (TRAIN.py's config.yaml, the default experiment) is read only when the command names
-    neither --config nor --model: a --model means the user's own run, which gets the defaults of its
-    purpose (PURPOSE_DEFAULTS), not the demo's settings. One log line says which applies."""
+
+def load(argv, sections=TRAIN_SECTIONS, description=None, config_default="config.yaml", required=(), usage=""):
+    """The script's Config from its command line, frozen, and what was decided for the user (Resolved).
+
+    The order; each step overrides the ones before it only where it sets a value:
+      1. the schema's defaults (the dataclasses above);
+      2. the YAML file: --config PATH; or, for TRAIN.py, ./config.yaml (the default experiment), but only when
+         the command names neither --config nor --model (a --model is the user's own run, not the demo);
+      3. the flags; a --model flag without --from-scratch also drops the YAML's from_scratch, config_overrides and
+         dropout (they shape a model built from scratch, not a pretrained one);
+      4. the defaults of the run's purpose (PURPOSE_DEFAULTS) fill the settings still unset (None); --qlora
+         sets lora.enabled;
+      5. once the model is loaded, TRAIN.py resolves training.max_length against it (with_max_length).
+    required: keys the YAML or flags must set (usage: an example command for the error)."""
     args = vars(FLAGS.make_parser(Config, sections, description, config_default).parse_args(argv))
-    path, print_config, debug = args.pop("config"), args.pop("print_config"), args.pop("debug")
+    path, print_only = args.pop("config"), args.pop("print_config")
+    args.pop("debug")  # main_guard reads --debug itself
     explicit = any(a == "--config" or a.startswith("--config=") for a in argv)
-    if not explicit and ("model.name" in args or not (path and os.path.exists(path))):
-        path = None
-    raw = with_flags(FLAGS.read_yaml(path) if path else {}, args)
+    skipped = path if not explicit and path and os.path.exists(path) and "model.name" in args else None
+    path = path if explicit or (path and os.path.exists(path) and not skipped) else None
+    raw, dropped = with_flags(FLAGS.read_yaml(path) if path else {}, args)
+    missing = [k for k in required if k.split(".")[1] not in (raw.get(k.split(".")[0]) or {})]
+    if missing:
+        names = " and ".join(FLAGS.flag_of(sec, f) for sec, f, _ in leaves(sections) if f"{sec}.{f.name}" in missing)
+        raise UserError(f"{names} {'is' if len(missing) == 1 else 'are'} required - e.g. {usage}")
     cfg = FLAGS.build(Config, raw, sections, f"{path} + flags" if path else "flags", rules)
-    cfg, summary, notes = resolve_purpose(cfg, path, config_default) if "training" in sections else (cfg, None, {})
-    if print_config:
-        print((f"# {summary}\n" if summary else "") + dump(cfg, sections, notes), end="")
-        sys.exit(0)
-    if summary:
-        log(summary)
-    return cfg, set(args), debug
+    if "training" not in sections:
+        return cfg, Resolved(None, {}, sections, print_only)
+    cfg, chosen, notes = resolve_purpose(cfg)
+    said = [f"config: {path}" if path else "config: built-in defaults"]
+    unread = [f"{sec}.{k}" for sec, v in (FLAGS.read_yaml(skipped) if skipped else {}).items()
+              if isinstance(v, dict) for k in v]
+    said += [f"{skipped} not read, so its {', '.join(unread)} do not apply (--model names your own run; --config "
+             f"{skipped} to use it)"] if skipped else []
+    said += [f"dropped from {path}: {', '.join(dropped)} (--model without --from-scratch: a pretrained model)"] \
+        if dropped else []
+    said += [f"purpose: {purpose(cfg)}" + (f", so {chosen}" if chosen else "")]
+    return cfg, Resolved(" | ".join(said), notes, sections, print_only)
+
+
+def print_config(cfg, resolved):
+    """--print-config: the resolved config as YAML on stdout, led by what was decided and with the values chosen
+    for the user marked. -> exit code 0"""
+    print((f"# {resolved.summary}\n" if resolved.summary else "") + dump(cfg, resolved.sections, resolved.notes), end="")
+    return 0
 
 
 def with_flags(raw, args):
-    """The YAML's nested dict with the command line's values written over it. A --model on the command line
-    means "start from that model's weights" unless --from-scratch is given too, so `python TRAIN.py --config
-    my.yaml --model DIR` fine-tunes DIR even if my.yaml trains from scratch (its scratch shape and dropout go)."""
-    if "model.name" in args and "model.from_scratch" not in args and isinstance(raw.get("model"), dict):
-        raw["model"] = {k: v for k, v in raw["model"].items() if k not in ("from_scratch", "config_overrides", "dropout")}
-    return FLAGS.overlay(raw, args)
+    """The YAML's nested dict with the command line's values written over it, and the YAML keys dropped: a
+    --model flag without --from-scratch means "start from that model's weights", so the YAML's scratch shape
+    (from_scratch, config_overrides, dropout) goes. -> (raw, ["model.from_scratch", …])"""
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    dropped = [f"model.{k}" for k in ("from_scratch", "config_overrides", "dropout") if k in model] \
+        if "model.name" in args and "model.from_scratch" not in args else []
+    if dropped:
+        raw["model"] = {k: v for k, v in model.items() if f"model.{k}" not in dropped}
+    return FLAGS.overlay(raw, args), dropped
 
 
-def resolve_purpose(cfg, path, config_default):
+def resolve_purpose(cfg):
     """cfg with its unset settings filled by the defaults of the run's purpose (QLoRA is LoRA on a 4-bit base),
-    the log line saying which config and defaults apply, and the notes that mark them in --print-config."""
+    the values chosen ("learning_rate=5.0e-05, …") and the notes that mark them in --print-config."""
     implied = {"lora.enabled": "implied by --qlora"} if cfg.lora.qlora and not cfg.lora.enabled else {}
     cfg = replaced(cfg, {"lora.enabled": True}) if implied else cfg
     filled = {key: value for key, value in PURPOSE_DEFAULTS[purpose(cfg)].items()
               if getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) is None}
     cfg = replaced(cfg, filled)
-    source = f"config: {path}" if path else "config: built-in defaults" + (
-        f" ({config_default}, the default experiment, is read only when the command names no --model; "
-        f"--config {config_default} to use it)" if config_default and os.path.exists(config_default) else "")
-    chosen = ", ".join(f"{k.split('.')[1]}={yaml.safe_dump(v).split(chr(10))[0]}" for k, v in filled.items())
+    chosen = ", ".join([f"{k.split('.')[1]}={yaml.safe_dump(v).split(chr(10))[0]}" for k, v in filled.items()]
+                       + (["lora enabled (--qlora)"] if implied else []))
     notes = implied | {k: f"{purpose(cfg)} default" for k in filled}
     if cfg.training.max_length is None:
         notes["training.max_length"] = f"the model's context, at most {MAX_LENGTH_CAP}"
-    return cfg, f"{source} | purpose: {purpose(cfg)}" + (f", so {chosen}" if chosen else ""), notes
+    return cfg, chosen, notes
 
 
 def leaves(sections):
@@ -368,6 +402,17 @@ def dump(cfg, sections=TRAIN_SECTIONS, notes=None):
     return FLAGS.dump(cfg, sections, notes)
 
 
+def main(argv):
+    """python CONFIG.py --reference | --print-config [flags]"""
+    if argv == ["--reference"]:
+        print(FLAGS.markdown(Config, SCRIPTS), end="")
+        return 0
+    cfg, resolved = load(argv, description=__doc__)
+    if resolved.print_only:
+        return print_config(cfg, resolved)
+    log(resolved.summary)
+    return 0
+
+
 if __name__ == "__main__":
-    main_guard(lambda argv: print(FLAGS.markdown(Config, SCRIPTS), end="") if argv == ["--reference"] else
-               load(argv, description=__doc__) and None)
+    main_guard(main)

@@ -176,13 +176,16 @@ def plot_metrics(out_dir):
 
 
 def main(argv):
-    cfg, flags, _ = CONFIG.load(argv, CONFIG.EVAL_SECTIONS, description=__doc__, config_default=None)
+    plotting = any(a.split("=")[0] == "--plot" for a in argv)  # --plot OUT needs no model and no data
+    cfg, resolved = CONFIG.load(argv, CONFIG.EVAL_SECTIONS, description=__doc__, config_default=None,
+                                required=() if plotting else ("model.name", "data.files"),
+                                usage="python EVAL.py --model out --data data/train.txt")
+    if resolved.print_only:
+        return CONFIG.print_config(cfg, resolved)
     e = cfg.eval
     if e.plot:
         print(f"wrote {plot_metrics(e.plot)}", file=sys.stderr)
         return
-    if "model.name" not in flags or "data.files" not in flags:
-        raise UserError("--model and --data are required: e.g. python EVAL.py --model out --data data/train.txt")
     data, _ = sources(cfg.data)
     found = kinds(data)
     check_loss_on(found, cfg.data.loss_on)

@@ -142,18 +142,21 @@ def out_path(cfg, stem):
 
 
 def main(argv):
-    cfg, flags, _ = CONFIG.load(argv, CONFIG.EXPORT_SECTIONS, description=__doc__, config_default=None)
-    if "model.name" not in flags:
-        raise UserError("--model is required: a directory written by TRAIN.py (e.g. --model out), or a .gguf")
+    cfg, resolved = CONFIG.load(argv, CONFIG.EXPORT_SECTIONS, description=__doc__, config_default=None,
+                                required=("model.name",), usage="python EXPORT.py --model out (a directory written "
+                                "by TRAIN.py, or a .gguf)")
+    if resolved.print_only:
+        return CONFIG.print_config(cfg, resolved)
     e = cfg.export
     if e.quant is not None and e.quant not in QUANTS[e.format]:
         raise UserError(f"--quant {e.quant} does not apply to --format {e.format} - " + (
             f"choose one of {', '.join(QUANTS[e.format])}" if QUANTS[e.format] else "drop it"))
     cfg = FLAGS.replaced(cfg, {"export.quant": e.quant or next(iter(QUANTS[e.format]), None)})
     e = cfg.export
-    if "export.min_agreement" in flags and (e.format, e.quant) not in QUANTISED:
+    if e.min_agreement is not None and (e.format, e.quant) not in QUANTISED:
         raise UserError("--min-agreement applies to --format gguf --quant f16/q8_0 and --format onnx --quant int8 - "
                         "drop it, or choose one of those")
+    cfg = FLAGS.replaced(cfg, {"export.min_agreement": 0.99 if e.min_agreement is None else e.min_agreement})
     stem = cfg.model.name.rstrip("/").removesuffix(".gguf")
     path = out_path(cfg, stem)
 

@@ -27,10 +27,12 @@ def stdin_prompt(stdin):
 
 
 def main(argv):
-    cfg, flags, _ = CONFIG.load(argv, CONFIG.INFER_SECTIONS, description=__doc__, config_default=None)
+    cfg, resolved = CONFIG.load(argv, CONFIG.INFER_SECTIONS, description=__doc__, config_default=None,
+                                required=("model.name",), usage="python INFER.py --model out --prompt \"…\" (a "
+                                "directory written by TRAIN.py, or a hub id)")
+    if resolved.print_only:
+        return CONFIG.print_config(cfg, resolved)
     g = cfg.infer
-    if "model.name" not in flags:
-        raise UserError("--model is required: a directory written by TRAIN.py (e.g. --model out) or a hub id")
     if g.jsonl and not g.each_line:
         raise UserError("--jsonl needs --each-line (one JSON object per input line)")
     if g.serve and (g.prompt is not None or g.each_line):

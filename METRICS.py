@@ -3,7 +3,6 @@ terminal), and OUT/metrics.jsonl, one JSON row per log step and per validation, 
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 
@@ -12,7 +11,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import CONFIG
-from CHECKPOINT import CONFIG_FILE
 from CONFIG import log
 
 
@@ -56,25 +54,13 @@ def summary(cfg, run, scorer, data, total_steps):
             + "".join(f" | {name} on" for name in on))
 
 
-def open_log(cfg, run, total_steps, step, resumed, stat_names):
-    """The run's Log from `step` of total_steps, summing the loss and the objective's statistics (stat_names).
-    Rank 0 writes the resolved config to OUT and opens OUT/metrics.jsonl, dropping a resumed run's rows after
-    `step` (those steps are about to run again)."""
-    out = cfg.output.dir
+def open_log(run, total_steps, step, metrics_file, stat_names):
+    """The run's Log from `step` of total_steps, summing the loss and the objective's statistics (stat_names),
+    writing rows to metrics_file (CHECKPOINT.open_metrics; None on ranks other than 0)."""
     names = ("loss",) + tuple(stat_names)
     bar = tqdm(total=total_steps, initial=step, file=sys.stderr, dynamic_ncols=True,
                disable=None if run.master else True)  # None: off where stderr is not a terminal
-    if not run.master:
-        return Log(bar, None, Window(torch.zeros(len(names), device=run.device)), time.perf_counter(), names=names)
-    if resumed and os.path.exists(os.path.join(out, "metrics.jsonl")):
-        with open(os.path.join(out, "metrics.jsonl")) as fh:
-            rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
-        with open(os.path.join(out, "metrics.jsonl"), "w") as fh:
-            fh.writelines(rows)
-    with open(os.path.join(out, CONFIG_FILE), "w") as fh:
-        fh.write(CONFIG.dump(cfg))
-    return Log(bar, open(os.path.join(out, "metrics.jsonl"), "a"), Window(torch.zeros(len(names), device=run.device)),
-               time.perf_counter(), names=names)
+    return Log(bar, metrics_file, Window(torch.zeros(len(names), device=run.device)), time.perf_counter(), names=names)
 
 
 def tally(run_log, sums, tokens, prepare_seconds, train_seconds):

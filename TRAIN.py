@@ -213,7 +213,9 @@ def train(cfg):
     log(METRICS.summary(cfg, run, scorer, f"{objective.size} {objective.unit}", total_steps))
     if resume:
         log(f"resumed from {resume} at step {progress.step}")
-    metrics = METRICS.open_log(cfg, run, total_steps, progress.step, resume, objective.names)
+    metrics = METRICS.open_log(run, total_steps, progress.step,
+                               CHECKPOINT.open_metrics(cfg, progress.step, resume) if run.master else None,
+                               objective.names)
 
     def save(name):  # collective: every rank calls it, rank 0 writes
         state = CHECKPOINT.training_state(run, optimizer, progress, raw_model if t.fsdp else None)
@@ -292,7 +294,10 @@ def finish(run, cfg, raw_model, tokenizer):
 
 
 def main(argv):
-    cfg, _, _ = CONFIG.load(argv, description=__doc__)
+    cfg, resolved = CONFIG.load(argv, description=__doc__)
+    if resolved.print_only:
+        return CONFIG.print_config(cfg, resolved)
+    log(resolved.summary)  # the first line: the config read, what was dropped and chosen for this run
     code = train(cfg)
     DISTRIBUTED.shutdown()
     return code

@@ -19,7 +19,7 @@ def write(tmp_path, text):
 
 def test_precedence_defaults_then_yaml_then_flags(tmp_path):
     path = write(tmp_path, "training: {batch_size: 4, learning_rate: 1e-3}\n")
-    cfg, _, _ = load(["--config", path, "--batch-size", "2"])
+    cfg, _ = load(["--config", path, "--batch-size", "2"])
     assert cfg.training.batch_size == 2             # flag beats YAML
     assert cfg.training.learning_rate == 1e-3       # YAML beats default (and "1e-3" is read as a number)
     assert cfg.training.grad_accum == CONFIG.TrainingCfg().grad_accum  # default where neither speaks
@@ -28,7 +28,7 @@ def test_precedence_defaults_then_yaml_then_flags(tmp_path):
 def test_seed_yaml_keys_and_flags_are_accepted(tmp_path):
     path = write(tmp_path, "model: {name: gpt2, dtype: float32}\ntraining: {epochs: 2, batch_size: 3, grad_accum: 4, "
                            "learning_rate: 0.01, max_length: 32}\noutput: {dir: o}\n")
-    cfg, _, _ = load(["--config", path, "--data", "a.txt", "b.jsonl", "--out", "x", "--epochs", "1",
+    cfg, _ = load(["--config", path, "--data", "a.txt", "b.jsonl", "--out", "x", "--epochs", "1",
                       "--grad-accum", "16", "--model", "m", "--max-steps", "7", "--resume"])
     assert (cfg.model.name, cfg.data.files, cfg.output.dir, cfg.training.epochs) == ("m", ["a.txt", "b.jsonl"], "x", 1)
     assert (cfg.training.grad_accum, cfg.training.max_steps, cfg.training.resume) == (16, 7, "auto")
@@ -36,7 +36,7 @@ def test_seed_yaml_keys_and_flags_are_accepted(tmp_path):
 
 
 def test_qualified_flags_work_too(tmp_path):
-    cfg, _, _ = load(["--config", write(tmp_path, ""), "--training.batch-size", "5"])
+    cfg, _ = load(["--config", write(tmp_path, ""), "--training.batch-size", "5"])
     assert cfg.training.batch_size == 5
 
 
@@ -96,8 +96,8 @@ def test_config_overrides_flag_accepts_yaml_or_key_value():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg, _, _ = load(["--config", write(tmp_path, ""), "--batch-size", "3", "--data", "x.txt"])
-    again, _, _ = load(["--config", write(tmp_path, CONFIG.dump(cfg))])
+    cfg, _ = load(["--config", write(tmp_path, ""), "--batch-size", "3", "--data", "x.txt"])
+    again, _ = load(["--config", write(tmp_path, CONFIG.dump(cfg))])
     assert again == cfg
     assert set(yaml.safe_load(CONFIG.dump(cfg))) == set(CONFIG.TRAIN_SECTIONS)
 

@@ -25,14 +25,14 @@ def at_root(monkeypatch):
 
 
 def test_config_yaml_is_the_default_experiment_when_no_model_is_named(at_root):
-    cfg, _, _ = load([])
+    cfg, _ = load([])
     demo = FLAGS.read_yaml("config.yaml")
     assert cfg.model.from_scratch and cfg.training.learning_rate == demo["training"]["learning_rate"]
     assert cfg.data.val_files == demo["data"]["val_files"] and cfg.training.max_length == demo["training"]["max_length"]
 
 
 def test_a_fine_tune_command_gets_full_fine_tune_defaults_not_the_demos(at_root):
-    cfg, _, _ = load(["--model", "some/model/dir", *FINE_TUNE])
+    cfg, _ = load(["--model", "some/model/dir", *FINE_TUNE])
     assert not cfg.model.from_scratch and cfg.model.config_overrides == {}
     assert cfg.training.learning_rate == 5e-5 and cfg.data.packing is False
     assert cfg.training.max_length is None  # the model's context (capped), set once the model is loaded
@@ -51,18 +51,31 @@ def test_defaults_by_purpose_and_explicit_values_win(at_root):
 def test_an_explicit_config_file_is_read_with_a_model_flag(tmp_path, at_root):
     path = tmp_path / "mine.yaml"
     path.write_text("training: {learning_rate: 1.0e-4, max_length: 64}\ndata: {packing: true}\n")
-    cfg, _, _ = load(["--config", str(path), "--model", "m"])
+    cfg, _ = load(["--config", str(path), "--model", "m"])
     assert (cfg.training.learning_rate, cfg.training.max_length, cfg.data.packing) == (1e-4, 64, True)
 
 
 def test_print_config_of_a_fine_tune_command_shows_the_fine_tune_defaults():
     r = run("TRAIN.py", "--model", "some/model/dir", *FINE_TUNE, "--print-config")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("# config: built-in defaults (config.yaml, the default experiment, is read only when")
+    assert r.stdout.startswith("# config: built-in defaults | config.yaml not read, so its model.name, "
+                               "model.from_scratch, model.config_overrides")
+    assert "training.learning_rate, " in r.stdout.splitlines()[0] and "(--model names your own run" in r.stdout
     assert "learning_rate: 5.0e-05  # full fine-tune default" in r.stdout
     assert "packing: false  # full fine-tune default" in r.stdout
     assert "max_length: null  # the model's context, at most 1024" in r.stdout
     assert "from_scratch: false" in r.stdout and "val_fraction: 0.0" in r.stdout
+
+
+def test_print_config_names_the_yaml_values_a_model_flag_drops(tmp_path):
+    path = tmp_path / "scratch.yaml"
+    path.write_text("model: {name: llama, from_scratch: true, dropout: 0.2}\ntraining: {learning_rate: 1.0e-4}\n")
+    r = run("TRAIN.py", "--config", path, "--model", "some/model/dir", "--print-config")
+    first = r.stdout.splitlines()[0]
+    assert r.returncode == 0 and f"dropped from {path}: model.from_scratch, model.dropout (--model without " \
+        "--from-scratch" in first
+    assert "purpose: full fine-tune, so packing=false" in first and "learning_rate: 0.0001" in r.stdout
+    assert "from_scratch: false" in r.stdout
 
 
 def test_warmup_below_one_is_a_fraction_of_the_run():
@@ -131,7 +144,7 @@ def test_large_validation_set_is_scored_on_a_fixed_capped_subset(tmp_path):
 
     from BATCHES import load as load_data
     from DATA import sources
-    cfg, _, _ = load(["--config", "tests/tiny.yaml", "--val-fraction", "0.5"])
+    cfg, _ = load(["--config", "tests/tiny.yaml", "--val-fraction", "0.5"])
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     _, val = load_data(cfg.data, sources(cfg.data), tokenizer, cfg.training.max_length)

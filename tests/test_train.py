@@ -1,5 +1,6 @@
 """TRAIN.py: exact gradient accumulation, bit-identical resume, loadable checkpoints, safe output dirs."""
 import json
+import os
 import re
 import time
 
@@ -12,7 +13,7 @@ from BATCHES import micro_batches
 from TRAIN import due, lr_at, param_groups
 from CONFIG import TrainingCfg
 from DISTRIBUTED import Run
-from conftest import run, train, weights
+from conftest import run, same_weights, train, weights
 
 STRAIGHT = ["--seed", "7"]
 
@@ -111,6 +112,25 @@ def test_refuses_to_start_over_a_previous_run(trained, tmp_path):
     r = run("TRAIN.py", "--config", "tests/tiny.yaml", "--out", trained)
     assert r.returncode == 2 and "already holds a training run" in r.stderr and "--resume auto" in r.stderr
     assert all(torch.equal(before[k], v) for k, v in weights(trained).items())
+
+
+def test_overwrite_leaves_only_the_new_run_and_the_users_own_files(trained, tmp_path):
+    """A folder that held a whole run (checkpoints, the best one, a merged model, the curve) keeps none of it after
+    --overwrite; a file of the user's stays, and the log names it."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    for old in ("ckpt-best", "merged"):
+        shutil.copytree(trained / "ckpt-step-3", out / old)
+    (out / "loss.png").write_bytes(b"an old curve")
+    (out / "notes.txt").write_text("my notes")
+    r = train(out, "--overwrite", "--max-steps", "2", "--save-every", "1", "--keep-last", "1")
+    assert "kept notes.txt" in r.stderr
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert not {"ckpt-best", "merged", "ckpt-step-3", "ckpt-step-6"} & set(os.listdir(out))
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [2]  # only the new run's rows
+    assert (out / "loss.png").read_bytes() != b"an old curve" and (out / "ckpt-step-2").is_dir()
+    assert not same_weights(out, trained)
 
 
 def test_hub_id_offline_fails_fast_in_one_line():
