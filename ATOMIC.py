@@ -1,9 +1,10 @@
 """Writing files and folders so that no crash, kill or power cut leaves a half-written one under the real
 name: write a temporary sibling, fsync it, rename it into place, fsync the folder that holds it.
 
-The temporary sibling of NAME is .tmp-NAME-PID; temporaries whose process is gone (a killed run) are
-removed by the next writer in the same folder, and a predecessor parked as .tmp-NAME-PID.old (killed
-between the two renames of a replacement) is put back.
+The temporary sibling of NAME is .tmp-PID-NAME (it ends as NAME does, so a reader that goes by the suffix,
+a .gguf, reads it); temporaries whose process is gone (a killed run) are removed by the next writer in the
+same folder, and a predecessor parked as .old-PID-NAME (killed between the two renames of a replacement)
+is put back.
 """
 import contextlib
 import os
@@ -12,7 +13,7 @@ import shutil
 
 from CONFIG import log
 
-TEMP = re.compile(r"\.tmp-(?P<name>.+)-(?P<pid>\d+)(?P<old>\.old)?")
+TEMP = re.compile(r"\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<name>.+)")
 
 
 def alive(pid):
@@ -32,7 +33,7 @@ def clear_stale(folder):
         if not m or alive(int(m["pid"])):
             continue
         stale, original = os.path.join(folder, entry), os.path.join(folder, m["name"])
-        if m["old"] and not os.path.exists(original):
+        if m["kind"] == "old" and not os.path.exists(original):
             os.rename(stale, original)
         else:
             remove(stale)
@@ -73,8 +74,8 @@ def replacing(path):
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     clear_stale(folder)
-    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}-{os.getpid()}")
-    old = tmp + ".old"
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    old = os.path.join(folder, f".old-{os.getpid()}-{os.path.basename(path)}")
     remove(tmp)
     try:
         yield tmp
@@ -89,18 +90,3 @@ def replacing(path):
         if os.path.exists(old) and not os.path.exists(path):
             os.rename(old, path)
         raise
-
-
-@contextlib.contextmanager
-def scratch(folder, name):
-    """A temporary sibling folder .tmp-NAME-PID in `folder` for work whose results the caller moves out
-    itself; it is removed afterwards, whatever happens."""
-    os.makedirs(folder, exist_ok=True)
-    clear_stale(folder)
-    tmp = os.path.join(folder, f".tmp-{name}-{os.getpid()}")
-    remove(tmp)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    finally:
-        remove(tmp)

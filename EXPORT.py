@@ -16,6 +16,7 @@ A LoRA adapter directory is merged into its base first. A failed check is an err
 """
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import torch
 
 import CONFIG
 import FLAGS
-from ATOMIC import replacing, scratch
+from ATOMIC import replacing
 from CONFIG import UserError, log, need
 from MODEL import load_for_use
 from TOKENIZER import load_tokenizer
@@ -72,7 +73,7 @@ def check_in_fresh_process(module, inputs, path, load, how):
         r = subprocess.run([sys.executable, "-c", code, path, os.path.join(tmp, "cases.pt")], capture_output=True,
                            text=True)
     if r.returncode:
-        raise UserError(f"{path}: {how} failed ({r.stderr.strip().splitlines()[-1]})")
+        raise UserError(f"{how} failed ({r.stderr.strip().splitlines()[-1]})")
     return float(r.stdout), 1e-5, how
 
 
@@ -119,6 +120,11 @@ def export(model, tokenizer, cfg, path, stem):
                       f"{diff:.2e} <= {tolerance:.0e}")
 
 
+# what an ONNX export folder holds (ONNX.write): an earlier one holding anything else is not replaced
+ONNX_FILE = re.compile(r"model\.onnx(\.data)?|generation\.json|genai_config\.json|generate\.py|chat_template\.jinja"
+                       r"|tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt")
+
+
 def out_path(cfg, stem):
     """Where the export goes (--out, or beside the model), refused where writing there could lose a user's files."""
     e = cfg.export
@@ -136,6 +142,10 @@ def out_path(cfg, stem):
                                     and os.path.exists(os.path.join(path, "model.onnx"))):
         raise UserError(f"--out {path}: is a folder, not an earlier ONNX export, so --overwrite does not replace it "
                         "- choose another --out")
+    extra = sorted(f for f in os.listdir(path) if not ONNX_FILE.fullmatch(f)) if os.path.isdir(path) else []
+    if extra:  # an earlier export is replaced whole: it may hold nothing but what an export writes
+        raise UserError(f"--out {path}: holds files an export does not write ({', '.join(extra[:5])}) - move them, "
+                        "or choose another --out")
     if os.path.isfile(path) and e.format == "onnx":
         raise UserError(f"--out {path}: is a file, and an ONNX export is a folder - choose another --out")
     return path
@@ -166,24 +176,15 @@ def main(argv):
     model, tokenizer = load_for_use(mcfg, "export"), load_tokenizer(mcfg.name, mcfg.trust_remote_code)
     if hasattr(model, "merge_and_unload"):  # a LoRA adapter: fold it into the base first
         model = model.merge_and_unload()
-    # written and checked in a scratch folder beside --out (ATOMIC's temporary sibling), moved there only once
-    # verified: a failed export leaves nothing that looks like a good file, and never replaces one
-    parent = os.path.dirname(os.path.abspath(path))
-    with scratch(parent, "export") as tmp:
-        work = os.path.join(tmp, os.path.basename(path))
-        try:
-            kind, checks = export(model, tokenizer, cfg, work, stem)
-        except UserError as err:
-            raise UserError(f"{path}: {str(err).replace(work, path).removeprefix(path + ': ')} - nothing was written")
-        files = [os.path.join(work, f) for f in os.listdir(work)] if os.path.isdir(work) else [work]
-        size = sum(map(os.path.getsize, files))
-        if os.path.isdir(path):  # an earlier export: replaced whole, so it must hold nothing but what this one writes
-            extra = sorted(set(os.listdir(path)) - set(os.listdir(work)))
-            if extra:
-                raise UserError(f"--out {path}: holds files an export does not write ({', '.join(extra[:5])}) - "
-                                "move them, or choose another --out; nothing was written")
-        with replacing(os.path.abspath(path)) as final:  # a folder (ONNX) replaces its predecessor whole
-            os.rename(work, final)
+    # written and checked as a temporary sibling of --out, renamed into place only once verified (a folder replaces
+    # its predecessor whole): a failed export leaves nothing that looks like a good file, and never replaces one
+    try:
+        with replacing(os.path.abspath(path)) as tmp:
+            kind, checks = export(model, tokenizer, cfg, tmp, stem)
+    except UserError as err:
+        raise UserError(f"{path}: {err} - nothing was written")
+    files = [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else [path]
+    size = sum(map(os.path.getsize, files))
     log(f"wrote {path} ({size / 1e6:.1f} MB, {kind}); verified: {checks}")
 
 

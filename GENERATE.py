@@ -1,11 +1,12 @@
-"""Generation, shared by INFER.py (stdout) and SERVE.py (HTTP): prompts to token ids (through the chat template
-for a chat), transformers' model.generate with sampling and stop strings, streaming that never prints a stop
-string, and the answer's text cut at its end."""
+"""Generation, shared by INFER.py (stdout), SERVE.py (HTTP) and GRPO.py: prompts to token ids (through the chat
+template for a chat), transformers' model.generate with sampling and stop strings, streaming through its
+streamer hook that never prints a stop string, and each answer's text cut at its end."""
 import dataclasses
 import threading
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from CHAT import end_of_turn
 from CONFIG import UserError, log
@@ -89,72 +90,98 @@ def fit_context(ids, max_new_tokens, context, warned):
     return ids[-room:], max_new_tokens
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Row:
-    """One prompt being answered: its token ids and Options, where its text goes as it comes (a writer, or
-    None), and whether its asker went away (`cancel`). generate() fills in the rest."""
+    """One prompt to answer: its token ids and Options, where its text goes as it comes (a writer, or None), and
+    whether its asker went away (`cancel`, set by another thread)."""
     prompt_ids: list
     opts: Options
     sink: object = None
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+@dataclasses.dataclass
+class Answer:
+    """A row's answer as it grows during generate()."""
     prefix: str = ""                  # the prompt's end, where a stop string could begin (prompt_end)
     new_ids: list = dataclasses.field(default_factory=list)   # every token generated, end token included
     text: str = ""                    # the answer: up to its end token or stop string
     n_tokens: int = 0                 # the answer's tokens (its end token not counted)
     ended: bool = False               # at an end token or stop string (else: max_new_tokens, or cancelled)
     done: bool = False
-    shown: int = 0                    # characters of text written to sink
+    shown: int = 0                    # characters of text written to the row's sink
 
 
-def advance(tokenizer, row, new_ids, final=False):
-    """A row's tokens so far: its answer, whether it is done (or `final`), and the new text that can be shown
-    (never a stop string or its beginning, nor a character whose bytes are still coming)."""
+def advance(tokenizer, row, answer, new_ids, final=False):
+    """A row's answer after the tokens new_ids: its text, whether it is done (or `final`), and the new text that
+    can be shown, written to the row's sink (never a stop string or its beginning, nor a character whose bytes
+    are still coming)."""
     ends = [new_ids.index(e) for e in row.opts.eos if e in new_ids]
     ids = new_ids[:min(ends, default=len(new_ids))]
-    row.new_ids = new_ids[:len(ids) + 1] if ends else new_ids
-    row.text, stopped = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), row.opts.stops, row.prefix)
-    row.n_tokens, row.ended = len(ids), bool(ends) or stopped
-    row.done = final or row.ended or len(new_ids) >= row.opts.max_new_tokens or row.cancel.is_set()
-    shown = row.text if row.done else row.text[:len(row.text) - held_back(row.text, row.opts.stops)].rstrip("\ufffd")
-    if row.sink is not None and len(shown) > row.shown:
-        row.sink.write(shown[row.shown:])
+    answer.new_ids = new_ids[:len(ids) + 1] if ends else new_ids
+    answer.text, stopped = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), row.opts.stops, answer.prefix)
+    answer.n_tokens, answer.ended = len(ids), bool(ends) or stopped
+    answer.done = final or answer.ended or len(new_ids) >= row.opts.max_new_tokens or row.cancel.is_set()
+    text = answer.text
+    shown = text if answer.done else text[:len(text) - held_back(text, row.opts.stops)].rstrip("\ufffd")
+    if row.sink is not None and len(shown) > answer.shown:
+        row.sink.write(shown[answer.shown:])
         row.sink.flush()
-        row.shown = len(shown)
+        answer.shown = len(shown)
 
 
-class Watch(StoppingCriteria):
-    """Called by model.generate after every token: advances each row, and tells generate which are done."""
+class Stream(BaseStreamer):
+    """transformers' streamer hook: after every step, model.generate puts each row's new token here; each row's
+    answer advances (its text goes to its sink as it comes) until the row is done."""
 
-    def __init__(self, tokenizer, rows, width):
-        self.tokenizer, self.rows, self.width = tokenizer, rows, width
+    def __init__(self, tokenizer, rows, answers):
+        self.tokenizer, self.rows, self.answers, self.prompt_seen = tokenizer, rows, answers, False
+
+    def put(self, value):  # first the prompts (B, T), then each step's new tokens (B,)
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for row, answer, token in zip(self.rows, self.answers, value.tolist()):
+            if not answer.done:
+                advance(self.tokenizer, row, answer, answer.new_ids + [token])
+
+    def end(self):
+        pass
+
+
+class Done(StoppingCriteria):
+    """Tells model.generate which rows are done (their answers say so: Stream keeps them current)."""
+
+    def __init__(self, answers):
+        self.answers = answers
 
     def __call__(self, input_ids, scores, **kw):
-        for i, row in enumerate(self.rows):
-            if not row.done:
-                advance(self.tokenizer, row, input_ids[i, self.width:].tolist())
-        return torch.tensor([row.done for row in self.rows], device=input_ids.device)
+        return torch.tensor([answer.done for answer in self.answers], device=input_ids.device)
 
 
 def generate(model, tokenizer, rows):
-    """Answer rows together in one model.generate call, left-padded (each row ends where its answer starts):
-    they share the first row's sampling and end tokens; their max_new_tokens, stop strings, streaming and
-    cancellation are their own (Watch). -> the rows, done."""
+    """Answer rows together in one model.generate call, left-padded (each row ends where its answer starts). One
+    call samples every row alike and stops at one set of end tokens, so the rows must share Options.sampling
+    and .eos (SCHEDULER.together groups requests so); max_new_tokens, stop strings, streaming and cancellation
+    are each row's own. -> [Answer] in the rows' order."""
+    first = rows[0].opts
+    if any(row.opts.sampling != first.sampling or row.opts.eos != first.eos for row in rows):
+        raise ValueError("rows of one generate call must share their sampling and end tokens")
     width = max(len(row.prompt_ids) for row in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     for i, row in enumerate(rows):
         input_ids[i, width - len(row.prompt_ids):], mask[i, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids), 1
-        row.prefix = prompt_end(tokenizer, row.prompt_ids, row.opts.stops)
-    first = rows[0].opts
+    answers = [Answer(prefix=prompt_end(tokenizer, row.prompt_ids, row.opts.stops)) for row in rows]
     with torch.inference_mode():
         out = model.generate(input_ids.to(model.device), attention_mask=mask.to(model.device),
                              max_new_tokens=max(row.opts.max_new_tokens for row in rows), eos_token_id=first.eos,
                              pad_token_id=tokenizer.pad_token_id, **first.sampling,
-                             stopping_criteria=StoppingCriteriaList([Watch(tokenizer, rows, width)]))
-    for i, row in enumerate(rows):  # Watch saw every row to its end; this is for one that generate cut short
-        if not row.done:
-            advance(tokenizer, row, out[i, width:].tolist()[:row.opts.max_new_tokens], final=True)
-    return rows
+                             streamer=Stream(tokenizer, rows, answers), stopping_criteria=StoppingCriteriaList([Done(answers)]))
+    for i, (row, answer) in enumerate(zip(rows, answers)):  # one that generate cut short (its last token unseen)
+        if not answer.done:
+            advance(tokenizer, row, answer, out[i, width:].tolist()[:row.opts.max_new_tokens], final=True)
+    return answers
 
 
 def context_of(model):

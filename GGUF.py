@@ -195,14 +195,14 @@ def check_readback(model, tokenizer, path, quant):
     """transformers' own GGUF reader must give back exactly the (rounded) weights and the same vocabulary."""
     written, got = dict(tensors(model)), dict(tensors(load_pretrained(path, torch.float32)))
     if sorted(written) != sorted(got):
-        raise UserError(f"{path}: verification failed - transformers reads back other tensors: "
+        raise UserError(f"verification failed - transformers reads back other tensors: "
                         f"{sorted(set(written) ^ set(got))[:4]}")
     diff = max(float(np.abs(roundtrip(name, a, quant) - got[name]).max()) for name, a in written.items())
     if diff != 0:
-        raise UserError(f"{path}: verification failed - transformers reads back weights that differ by {diff:.2e}")
+        raise UserError(f"verification failed - transformers reads back weights that differ by {diff:.2e}")
     back_tok = load_tokenizer(path)
     if (back_tok.get_vocab(), back_tok.eos_token_id) != (tokenizer.get_vocab(), tokenizer.eos_token_id):
-        raise UserError(f"{path}: verification failed - transformers reads back another vocabulary")
+        raise UserError("verification failed - transformers reads back another vocabulary")
     differ = sum(back_tok(t).input_ids != tokenizer(t).input_ids for t in PROMPTS + PASSAGES)
     if differ:  # transformers' reader knows fewer pre-tokenizers than llama.cpp (not 'smollm', for one)
         log(f"note: transformers' GGUF reader splits {differ} of {len(PROMPTS + PASSAGES)} texts differently from "
@@ -220,7 +220,7 @@ def check_llama_cpp(llama_cpp, model, tokenizer, path, quant, min_agreement):
     eos, same, agree, total = tokenizer.eos_token_id, 0, 0, 0
     for text in PROMPTS + PASSAGES:
         if llm.tokenize(text.encode(), add_bos=False, special=True) != tokenizer(text).input_ids:
-            raise UserError(f"{path}: verification failed - llama.cpp tokenizes {text!r} differently")
+            raise UserError(f"verification failed - llama.cpp tokenizes {text!r} differently")
     forced = [tokenizer(p).input_ids[:n_ctx] for p in PASSAGES]
     for prompt in PROMPTS:
         ids = tokenizer(prompt).input_ids
@@ -244,7 +244,7 @@ def check_llama_cpp(llama_cpp, model, tokenizer, path, quant, min_agreement):
             f"continuations identical for {same}/{len(PROMPTS)} prompts; next-token top-1 agreement {agree}/{total} "
             f"= {agree / total:.2%}")
     if not (same == len(PROMPTS) if quant == "f32" else agree / total >= min_agreement):
-        raise UserError(f"{path}: verification failed - {line}; needed " + (
+        raise UserError(f"verification failed - {line}; needed " + (
             "identical continuations in f32" if quant == "f32" else f"--min-agreement {min_agreement}: "
             f"{quant} moves this model's predictions more - use --quant f16/f32, or lower --min-agreement"))
     return line

@@ -18,6 +18,7 @@ import shutil
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from transformers import DynamicCache
 
 import ONNX_RUN
@@ -83,6 +84,12 @@ def write(model, tokenizer, folder, quant):
     settings = generation_settings(model, tokenizer)
     with open(os.path.join(folder, "generation.json"), "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=1)
+    template = os.path.join(folder, "chat_template.jinja")
+    if os.path.exists(template) and not runner_chats_as_infer(tokenizer, folder, settings):
+        log("warning: generate.py cannot prompt this chat template as INFER.py --chat does (it renders differently "
+            "outside transformers, or ends a turn with several tokens), so the export leaves it out and its --chat "
+            "says so; plain prompts are unaffected")
+        os.remove(template)
     with open(os.path.join(folder, "genai_config.json"), "w", encoding="utf-8") as f:
         json.dump(genai_config(model.config, inputs[3][0].shape, settings), f, indent=1)
     shutil.copyfile(ONNX_RUN.__file__, os.path.join(folder, "generate.py"))
@@ -184,10 +191,10 @@ def pytorch_greedy(model, tokenizer, ids, eos):
 
 def prompts(tokenizer, runner_tokenizer, folder, settings):
     """(label, the runner's token ids, the model tokenizer's ids, end tokens) for each check prompt, and a chat
-    question where the model has a chat template."""
+    question where the export carries a chat template."""
     out = [(repr(p), ONNX_RUN.prompt_ids(folder, runner_tokenizer, settings, p, False), tokenizer(p)["input_ids"],
             settings["eos"]) for p in PROMPTS]
-    if tokenizer.chat_template:
+    if os.path.exists(os.path.join(folder, "chat_template.jinja")):
         question = "What is the capital of France?"
         out.append((f"the chat question {question!r}", runner_chat(folder, runner_tokenizer, settings, question),
                     chat_ids(tokenizer, [{"role": "user", "content": question}]),
@@ -199,17 +206,19 @@ def runner_chat(folder, runner_tokenizer, settings, question, system=None):
     """The runner's token ids for a chat question, or None where it cannot render the template."""
     try:
         return ONNX_RUN.prompt_ids(folder, runner_tokenizer, settings, question, True, system)
-    except Exception:  # noqa: BLE001 - a template that needs transformers' own additions to jinja2, or none written
+    except Exception:  # noqa: BLE001 - a template that needs transformers' own additions to jinja2
         return None
 
 
-def runner_chats_as_infer(tokenizer, runner_tokenizer, folder, settings, chat_case):
+def runner_chats_as_infer(tokenizer, folder, settings):
     """Whether the runner's --chat prompts as INFER.py --chat does: the same ids with and without a system message,
     and a chat's end of turn that is one token (the runner has no stop strings)."""
+    runner_tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     system, question = "Be brief.", "Hello"
     with_system = chat_ids(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": question}])
     stops, _ = stops_and_eos(tokenizer, [], True)
-    return chat_case[1] == chat_case[2] and not stops and \
+    return not stops and runner_chat(folder, runner_tokenizer, settings, question) == chat_ids(
+        tokenizer, [{"role": "user", "content": question}]) and \
         runner_chat(folder, runner_tokenizer, settings, question, system) == with_system
 
 
@@ -217,13 +226,6 @@ def verify(model, tokenizer, folder, quant, min_agreement):
     """Check the folder in onnxruntime, as ONNX_RUN.py uses it: -> what was verified, or UserError."""
     session, runner_tokenizer, settings = ONNX_RUN.load(folder)
     cases = prompts(tokenizer, runner_tokenizer, folder, settings)
-    if tokenizer.chat_template and not runner_chats_as_infer(tokenizer, runner_tokenizer, folder, settings, cases[-1]):
-        log("warning: generate.py cannot prompt this chat template as INFER.py --chat does (it renders differently "
-            "outside transformers, or ends a turn with several tokens), so its --chat is off for this export (it "
-            "says so); plain prompts are unaffected")
-        if os.path.exists(os.path.join(folder, "chat_template.jinja")):
-            os.remove(os.path.join(folder, "chat_template.jinja"))
-        cases = cases[:-1]
     for label, ours, theirs, _ in cases:
         if ours != theirs:
             raise UserError(f"tokenizer.json alone encodes {label} as {ours[:12]}..., the model's tokenizer as "
@@ -253,7 +255,8 @@ def check_generation(model, session, cases, wants, quant, min_agreement):
         a, n = next_token_agreement(model, session, ids, want)
         agree, total = agree + a, total + n
     if quant == "f32":
-        return f"greedy generation ({NEW_TOKENS} tokens) identical to INFER.py --greedy's after {same}/{same} prompts"
+        return (f"greedy generation ({NEW_TOKENS} tokens) identical to INFER.py --greedy's after {same}/{len(cases)} "
+                "prompts")
     if not agree / total >= min_agreement:
         raise UserError(f"next-token agreement with PyTorch {agree}/{total} = {agree / total:.2%} is below "
                         f"--min-agreement {min_agreement} - lower it to accept, or export f32")

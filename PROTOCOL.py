@@ -133,8 +133,8 @@ def chat_logprobs(tokenizer, entries):
     return {"content": [{**one(i, lp), "top_logprobs": [one(j, l) for j, l in alts]} for i, lp, alts in entries]}
 
 
-def finish_reason(row):
-    return "stop" if row.ended or row.n_tokens < row.opts.max_new_tokens else "length"
+def finish_reason(job):
+    return "stop" if job.answer.ended or job.answer.n_tokens < job.row.opts.max_new_tokens else "length"
 
 
 def shapes(name, chat, jobs, streaming):
@@ -147,16 +147,16 @@ def shapes(name, chat, jobs, streaming):
                 "model": name, "choices": choices, **extra}
 
     def usage():
-        p, c = sum(len(j.row.prompt_ids) for j in jobs), sum(j.row.n_tokens for j in jobs)
+        p, c = sum(len(j.row.prompt_ids) for j in jobs), sum(j.answer.n_tokens for j in jobs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
     return envelope, usage
 
 
 def choice(tokenizer, index, job, text, chat):
     """One answered prompt as a choice of the response (text: the prompt's, for echo)."""
-    row, tok = job.row, tokenizer
+    answer, tok = job.answer, tokenizer
     if chat:
-        return {"index": index, "message": {"role": "assistant", "content": row.text}, "finish_reason": finish_reason(row),
+        return {"index": index, "message": {"role": "assistant", "content": answer.text}, "finish_reason": finish_reason(job),
                 "logprobs": chat_logprobs(tok, job.logprobs) if job.top is not None else None}
-    return {"index": index, "text": (text if job.echo else "") + row.text, "finish_reason": finish_reason(row),
+    return {"index": index, "text": (text if job.echo else "") + answer.text, "finish_reason": finish_reason(job),
             "logprobs": completion_logprobs(tok, job.logprobs) if job.top is not None else None}

@@ -24,11 +24,12 @@ from EVAL import score
 @dataclasses.dataclass(eq=False)  # compared by identity: the queue removes this job, not an equal one
 class Job:
     """One prompt of a request: its Row, its seed, and what log-probabilities it wants (top: how many
-    alternatives per token, None for none; echo: the prompt's too). `future` receives the answered Job."""
+    alternatives per token, None for none; echo: the prompt's too). `future` receives the Job with its answer."""
     row: GENERATE.Row
     seed: Optional[int] = None
     top: Optional[int] = None
     echo: bool = False
+    answer: GENERATE.Answer = dataclasses.field(default_factory=GENERATE.Answer)
     logprobs: list = dataclasses.field(default_factory=list)  # [(token id, logprob or None, [(id, logprob)] or None)]
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
@@ -69,7 +70,8 @@ def withdraw(waiting, jobs):
 
 
 def together(job):
-    """What must be equal for jobs to share one generate call."""
+    """What must be equal for jobs to share one generate call: the sampling and end tokens (GENERATE.generate
+    applies one of each to all its rows), and a seed only ever to one job."""
     opts = job.row.opts
     alone = id(job) if job.seed is not None and opts.sampling.get("do_sample") else None
     return tuple(sorted(opts.sampling.items())), tuple(opts.eos), alone
@@ -114,17 +116,14 @@ def work(srv):
 def answer(srv, batch):
     """Generate the batch's answers (none when max_new_tokens is 0: scoring only), then the log-probabilities
     of the jobs that asked for them."""
-    rows = [job.row for job in batch]
     if batch[0].seed is not None:
         torch.manual_seed(batch[0].seed)
-    if rows[0].opts.max_new_tokens:
-        GENERATE.generate(srv.model, srv.tokenizer, rows)
-    else:
-        for row in rows:
-            row.done = True
+    if batch[0].row.opts.max_new_tokens:  # together(): the batch shares sampling and end tokens, as generate needs
+        for job, answer in zip(batch, GENERATE.generate(srv.model, srv.tokenizer, [job.row for job in batch])):
+            job.answer = answer
     for job in batch:
         if job.row.cancel.is_set():
-            log(f"client went away: generation stopped after {len(job.row.new_ids)} of at most "
+            log(f"client went away: generation stopped after {len(job.answer.new_ids)} of at most "
                 f"{job.row.opts.max_new_tokens} tokens")
         elif job.top is not None:
             job.logprobs = token_logprobs(srv.model, job)
@@ -133,7 +132,7 @@ def answer(srv, batch):
 def token_logprobs(model, job):
     """[(token id, its log-probability given the tokens before it, the top alternatives)] for the answer's
     tokens (its end token included), after the prompt's when echo; the very first token has no logprob."""
-    ids = job.row.prompt_ids + job.row.new_ids
+    ids = job.row.prompt_ids + job.answer.new_ids
     (_, lp), = score(model, [(ids, [-100] + ids[1:], range(len(ids)))])  # lp (len - 1, vocab): row t for t + 1
     first = 0 if job.echo else len(job.row.prompt_ids)
     out = []

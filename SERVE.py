@@ -73,7 +73,7 @@ async def events(srv, job, chat, pieces):
                 last = {"error": {"message": f"{type(item.exception()).__name__}: {item.exception()}",
                                   "type": "server_error"}}
             else:
-                last = envelope([{**delta(""), "finish_reason": finish_reason(job.row)}], usage=usage())
+                last = envelope([{**delta(""), "finish_reason": finish_reason(job)}], usage=usage())
             yield f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n"
             break
     finally:
@@ -83,7 +83,7 @@ async def events(srv, job, chat, pieces):
 async def respond(srv, jobs, texts, chat, stream):
     if stream:  # the sink first: the worker may start on the job as soon as it is queued
         pieces = queue.Queue()
-        jobs[0].row.sink = types.SimpleNamespace(write=pieces.put, flush=lambda: None)
+        jobs[0].row = dataclasses.replace(jobs[0].row, sink=types.SimpleNamespace(write=pieces.put, flush=lambda: None))
         jobs[0].future.add_done_callback(pieces.put)
         enqueue(srv, jobs)
         return StreamingResponse(events(srv, jobs[0], chat, pieces), media_type="text/event-stream")

@@ -30,19 +30,19 @@ def test_an_error_while_writing_leaves_the_predecessor_and_no_temporary(tmp_path
 
 
 def test_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
-    (tmp_path / f".tmp-cache-{DEAD}").mkdir()                 # a killed run's half-written folder
-    (tmp_path / f".tmp-tok-{os.getpid()}").mkdir()            # this process is alive: never touched
+    (tmp_path / f".tmp-{DEAD}-cache").mkdir()                 # a killed run's half-written folder
+    (tmp_path / f".tmp-{os.getpid()}-tok").mkdir()            # this process is alive: never touched
     (tmp_path / "ckpt-step-3").mkdir()
-    (tmp_path / f".tmp-ckpt-step-3-{DEAD}.old").mkdir()       # a predecessor whose replacement completed
-    (tmp_path / f".tmp-ckpt-best-{DEAD}.old").mkdir()         # killed between the two renames: put back
+    (tmp_path / f".old-{DEAD}-ckpt-step-3").mkdir()       # a predecessor whose replacement completed
+    (tmp_path / f".old-{DEAD}-ckpt-best").mkdir()         # killed between the two renames: put back
     clear_stale(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == [f".tmp-tok-{os.getpid()}", "ckpt-best", "ckpt-step-3"]
+    assert sorted(os.listdir(tmp_path)) == [f".tmp-{os.getpid()}-tok", "ckpt-best", "ckpt-step-3"]
 
 
 def test_the_token_cache_clears_what_an_interrupted_tokenization_left(tmp_path, tok_files):
     from DATA import local, token_cache
     cache = tmp_path / "cache"
-    (cache / f".tmp-0123456789abcdef-{DEAD}").mkdir(parents=True)
+    (cache / f".tmp-{DEAD}-0123456789abcdef").mkdir(parents=True)
     token_cache(local([tok_files[0]]), tok_files[1], str(cache))
     assert [n for n in os.listdir(cache) if n.startswith(".tmp-")] == []
 

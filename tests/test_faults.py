@@ -79,7 +79,7 @@ def test_second_interrupt_exits_at_once_leaving_complete_checkpoints(tmp_path):
 def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path, straight):
     out = tmp_path / "out"
     kill_points = [
-        lambda: any(n.startswith(".tmp-ckpt") for n in os.listdir(out)) if out.exists() else False,  # mid-write
+        lambda: any(n.startswith(".tmp-") and "ckpt" in n for n in os.listdir(out)) if out.exists() else False,  # mid-write
         lambda: newest_step(out) >= 12,   # between steps, shortly after a checkpoint
         lambda: (out / "metrics.jsonl").exists() and sum(1 for _ in open(out / "metrics.jsonl")) >= 30,  # mid-run
     ]

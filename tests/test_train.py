@@ -76,11 +76,11 @@ def test_resume_continues_bit_identically(tmp_path, trained):
 def test_resume_auto_picks_newest_complete_checkpoint(tmp_path):
     out = tmp_path / "out"
     train(out, "--max-steps", "3")
-    (out / ".tmp-ckpt-step-9-4999999").mkdir()  # what a kill during a checkpoint write leaves (pid long gone)
+    (out / ".tmp-4999999-ckpt-step-9").mkdir()  # what a kill during a checkpoint write leaves (pid long gone)
     (out / "ckpt-step-8").mkdir()           # no training_state.pt: not a complete checkpoint
     r = train(out, "--resume", "auto")      # tiny.yaml asks for 6 steps
     assert "resumed from" in r.stderr and "ckpt-step-3" in r.stderr
-    assert not (out / ".tmp-ckpt-step-9-4999999").exists()
+    assert not (out / ".tmp-4999999-ckpt-step-9").exists()
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [2, 3, 4, 6]
 
 
