@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 
-from CONFIG import log
+from REPORT import log
 
 TEMP = re.compile(r"\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<name>.+)")
 

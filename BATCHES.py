@@ -6,8 +6,8 @@ import functools
 import numpy as np
 import torch
 
-from CONFIG import UserError, log
 from DATA import Corpus, token_cache
+from REPORT import UserError, log
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ tokens). The assistant's spans are found by rendering growing prefixes of the co
 them with the whole (as torchtune and axolotl do), so any template works, with or without
 {% generation %} markers. A tokenizer without a template gets CHATML below.
 """
-from CONFIG import UserError, first_line, log
+from REPORT import UserError, first_line, log
 
 ROLES = ("system", "user", "assistant")
 # loss_on when data.loss_on is not set: it follows the data

@@ -20,9 +20,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 import CONFIG
+import FLAGS
 from ATOMIC import clear_stale, replacing
-from CONFIG import UserError, first_line, log
 from DISTRIBUTED import barrier
+from REPORT import UserError, first_line, log
 
 STATE = "training_state.pt"
 CONFIG_FILE = "train_config.yaml"
@@ -63,7 +64,7 @@ def write_model_dir(path, model, tokenizer, cfg, state=None, state_dict=None):
             model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
             tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
-                fh.write(CONFIG.dump(cfg))
+                fh.write(FLAGS.dump(cfg, CONFIG.TRAIN_SECTIONS))
             if state is not None:
                 torch.save(state, os.path.join(tmp, STATE))
     except Exception as e:  # OSError from Python, SafetensorError/RuntimeError from the writers' native code
@@ -158,7 +159,7 @@ def open_metrics(cfg, step, resumed):
         with open(path, "w") as fh:
             fh.writelines(rows)
     with open(os.path.join(out, CONFIG_FILE), "w") as fh:
-        fh.write(CONFIG.dump(cfg))
+        fh.write(FLAGS.dump(cfg, CONFIG.TRAIN_SECTIONS))
     return open(path, "a")
 
 
@@ -181,7 +182,7 @@ def changed_settings(path, cfg):
     those the checkpoint at `path` was trained with, e.g. a resume typed without the run's --model."""
     saved = os.path.join(path, CONFIG_FILE)
     old = yaml.safe_load(open(saved)) if os.path.exists(saved) else {}
-    return [f"{sec}.{k}: {old[sec][k]!r} -> {v!r}" for sec, values in CONFIG.to_dict(cfg).items() if sec != "output"
+    return [f"{sec}.{k}: {old[sec][k]!r} -> {v!r}" for sec, values in FLAGS.to_dict(cfg, CONFIG.TRAIN_SECTIONS).items() if sec != "output"
             for k, v in values.items() if k != "resume" and k in old.get(sec, {}) and old[sec][k] != v]
 
 

@@ -1,28 +1,16 @@
-"""The one config schema of LLM-MINI: YAML keys, CLI flags, defaults, validation and the saved copy.
+"""The one config schema of LLM-MINI: every setting, its default, range and meaning; the defaults that depend
+on what a run is for; the checks across settings; which sections each script reads.
 
-Every setting is a field of a dataclass below; nothing else names a setting. A field `training.batch_size`
+Every setting is a field of a dataclass below; nothing else defines a setting. A field `training.batch_size`
 is the YAML key `training: {batch_size: …}` and the flag `--batch-size` (or `--training.batch-size`).
-Precedence, in full in load(): defaults < the YAML file < flags < the defaults of the run's purpose, which
-fill only what is still unset.
-
-This file is the schema (read it top to bottom: sections, then the defaults that depend on the run's
-purpose) and load(), what every script calls. The generic machinery that turns any such schema into
-YAML keys, flags, type checks and "did you mean" errors is FLAGS.py. A loaded config is frozen: what a run
-resolves later (the max_length its model allows) is a new copy, never a change behind the reader's back.
-
-    python CONFIG.py --print-config        # the resolved config of the training scripts
-    python CONFIG.py --reference           # every key and flag as Markdown (docs/configuration.md)
+Which value each setting takes in a run (defaults < YAML < flags < the purpose's defaults) is SETTINGS.py;
+the generic machinery that turns a schema into YAML keys, flags and type checks is FLAGS.py.
 """
 import math
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-import yaml
-
-import FLAGS
-from FLAGS import UserError, first_line, log, main_guard, need, opt, replaced, suggest  # noqa: F401 (used from here)
+from FLAGS import opt
 
 
 @dataclass(frozen=True)
@@ -240,9 +228,9 @@ PURPOSE_DEFAULTS = {"from scratch": {"training.learning_rate": 1e-3, "data.packi
                     # GRPO: TRL's GRPOConfig default (1e-6); with an adapter ten times that, as TRL's LoRA guide
                     "GRPO": {"training.learning_rate": 1e-6},
                     "GRPO with LoRA": {"training.learning_rate": 1e-5}}
-# training.max_length defaults to the model's context, but at most this: the fp32 logits of one micro-batch
-# (batch x length x vocab) dominate activation memory (8 x 1024 x 49k vocab = 1.6 GB per copy); run_clm's
-# block_size and TRL's max_length default to 1024 too.
+# training.max_length defaults to the model's context, but at most this, as run_clm's block_size and TRL's
+# max_length: activations grow with the length (attention's time with its square), and a model's whole context
+# (SmolLM2's 8192) is longer than most fine-tuning samples.
 MAX_LENGTH_CAP = 1024
 
 
@@ -255,29 +243,10 @@ def purpose(cfg):
     return "LoRA fine-tune" if cfg.lora.enabled else "full fine-tune"
 
 
-def with_max_length(cfg, context):
-    """cfg with training.max_length resolved against the model's context (by default the context, at most
-    MAX_LENGTH_CAP), and the log line that says so (None when it was set)."""
-    if (cfg.training.max_length or 0) > context:
-        raise UserError(f"training.max_length: {cfg.training.max_length} is above the model's context of {context} "
-                        "tokens - lower --max-length")
-    if cfg.training.max_length:
-        return cfg, None
-    length = min(context, MAX_LENGTH_CAP)
-    note = f"max_length {length}: the model's context of {context} tokens" + (
-        f", capped at {MAX_LENGTH_CAP} (--max-length to change)" if context > length else "")
-    return replaced(cfg, {"training.max_length": length}), note
-
-
 def warmup_of(warmup_steps, total_steps):
     """training.warmup_steps as a count: whole steps, or below 1 a fraction of the run (rounded up, as the
     Trainer's warmup_ratio), so a short fine-tune still reaches its peak rate."""
     return int(warmup_steps) if warmup_steps >= 1 else math.ceil(warmup_steps * total_steps)
-
-
-def objective(t):
-    """sft, dpo or grpo: what the run trains for (TRAIN.OBJECTIVES)."""
-    return "grpo" if t.grpo else "dpo" if t.dpo else "sft"
 
 
 def rules(cfg):
@@ -305,114 +274,3 @@ INFER_SECTIONS = ("model", "infer")
 EVAL_SECTIONS = ("model", "data", "eval")
 EXPORT_SECTIONS = ("model", "export")
 SCRIPTS = {"TRAIN.py": TRAIN_SECTIONS, "INFER.py": INFER_SECTIONS, "EVAL.py": EVAL_SECTIONS, "EXPORT.py": EXPORT_SECTIONS}
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """What load decided for the user, to say before anything runs."""
-    summary: Optional[str]  # the first log line of a training run: the file read, what was dropped and chosen
-    notes: dict             # {"section.key": why}: the values chosen for the user, marked in --print-config
-    sections: tuple
-    print_only: bool        # --print-config: print the config (print_config) instead of running
-
-
-def load(argv, sections=TRAIN_SECTIONS, description=None, config_default="config.yaml", required=(), usage=""):
-    """The script's Config from its command line, frozen, and what was decided for the user (Resolved).
-
-    The order; each step overrides the ones before it only where it sets a value:
-      1. the schema's defaults (the dataclasses above);
-      2. the YAML file: --config PATH; or, for TRAIN.py, ./config.yaml (the default experiment), but only when
-         the command names neither --config nor --model (a --model is the user's own run, not the demo);
-      3. the flags; a --model flag without --from-scratch also drops the YAML's from_scratch, config_overrides and
-         dropout (they shape a model built from scratch, not a pretrained one);
-      4. the defaults of the run's purpose (PURPOSE_DEFAULTS) fill the settings still unset (None); --qlora
-         sets lora.enabled;
-      5. once the model is loaded, TRAIN.py resolves training.max_length against it (with_max_length).
-    required: keys the YAML or flags must set (usage: an example command for the error)."""
-    args = vars(FLAGS.make_parser(Config, sections, description, config_default).parse_args(argv))
-    path, print_only = args.pop("config"), args.pop("print_config")
-    args.pop("debug")  # main_guard reads --debug itself
-    explicit = any(a == "--config" or a.startswith("--config=") for a in argv)
-    skipped = path if not explicit and path and os.path.exists(path) and "model.name" in args else None
-    path = path if explicit or (path and os.path.exists(path) and not skipped) else None
-    raw, dropped = with_flags(FLAGS.read_yaml(path) if path else {}, args)
-    missing = [k for k in required if k.split(".")[1] not in (raw.get(k.split(".")[0]) or {})]
-    if missing:
-        names = " and ".join(FLAGS.flag_of(sec, f) for sec, f, _ in leaves(sections) if f"{sec}.{f.name}" in missing)
-        raise UserError(f"{names} {'is' if len(missing) == 1 else 'are'} required - e.g. {usage}")
-    cfg = FLAGS.build(Config, raw, sections, f"{path} + flags" if path else "flags", rules)
-    if "training" not in sections:
-        return cfg, Resolved(None, {}, sections, print_only)
-    cfg, chosen, notes = resolve_purpose(cfg)
-    said = [f"config: {path}" if path else "config: built-in defaults"]
-    unread = [f"{sec}.{k}" for sec, v in (FLAGS.read_yaml(skipped) if skipped else {}).items()
-              if isinstance(v, dict) for k in v]
-    said += [f"{skipped} not read, so its {', '.join(unread)} do not apply (--model names your own run; --config "
-             f"{skipped} to use it)"] if skipped else []
-    said += [f"dropped from {path}: {', '.join(dropped)} (--model without --from-scratch: a pretrained model)"] \
-        if dropped else []
-    said += [f"purpose: {purpose(cfg)}" + (f", so {chosen}" if chosen else "")]
-    return cfg, Resolved(" | ".join(said), notes, sections, print_only)
-
-
-def print_config(cfg, resolved):
-    """--print-config: the resolved config as YAML on stdout, led by what was decided and with the values chosen
-    for the user marked. -> exit code 0"""
-    print((f"# {resolved.summary}\n" if resolved.summary else "") + dump(cfg, resolved.sections, resolved.notes), end="")
-    return 0
-
-
-def with_flags(raw, args):
-    """The YAML's nested dict with the command line's values written over it, and the YAML keys dropped: a
-    --model flag without --from-scratch means "start from that model's weights", so the YAML's scratch shape
-    (from_scratch, config_overrides, dropout) goes. -> (raw, ["model.from_scratch", …])"""
-    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-    dropped = [f"model.{k}" for k in ("from_scratch", "config_overrides", "dropout") if k in model] \
-        if "model.name" in args and "model.from_scratch" not in args else []
-    if dropped:
-        raw["model"] = {k: v for k, v in model.items() if f"model.{k}" not in dropped}
-    return FLAGS.overlay(raw, args), dropped
-
-
-def resolve_purpose(cfg):
-    """cfg with its unset settings filled by the defaults of the run's purpose (QLoRA is LoRA on a 4-bit base),
-    the values chosen ("learning_rate=5.0e-05, …") and the notes that mark them in --print-config."""
-    implied = {"lora.enabled": "implied by --qlora"} if cfg.lora.qlora and not cfg.lora.enabled else {}
-    cfg = replaced(cfg, {"lora.enabled": True}) if implied else cfg
-    filled = {key: value for key, value in PURPOSE_DEFAULTS[purpose(cfg)].items()
-              if getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) is None}
-    cfg = replaced(cfg, filled)
-    chosen = ", ".join([f"{k.split('.')[1]}={yaml.safe_dump(v).split(chr(10))[0]}" for k, v in filled.items()]
-                       + (["lora enabled (--qlora)"] if implied else []))
-    notes = implied | {k: f"{purpose(cfg)} default" for k in filled}
-    if cfg.training.max_length is None:
-        notes["training.max_length"] = f"the model's context, at most {MAX_LENGTH_CAP}"
-    return cfg, chosen, notes
-
-
-def leaves(sections):
-    return FLAGS.leaves(Config, sections)
-
-
-def to_dict(cfg, sections=TRAIN_SECTIONS):
-    return FLAGS.to_dict(cfg, sections)
-
-
-def dump(cfg, sections=TRAIN_SECTIONS, notes=None):
-    return FLAGS.dump(cfg, sections, notes)
-
-
-def main(argv):
-    """python CONFIG.py --reference | --print-config [flags]"""
-    if argv == ["--reference"]:
-        print(FLAGS.markdown(Config, SCRIPTS), end="")
-        return 0
-    cfg, resolved = load(argv, description=__doc__)
-    if resolved.print_only:
-        return print_config(cfg, resolved)
-    log(resolved.summary)
-    return 0
-
-
-if __name__ == "__main__":
-    main_guard(main)

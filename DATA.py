@@ -21,7 +21,8 @@ import numpy as np
 
 from ATOMIC import replacing
 from CHAT import encode, parse, texts_of
-from CONFIG import DataCfg, UserError, log
+from CONFIG import DataCfg
+from REPORT import UserError, log
 from SOURCES import fingerprint, resolve, rows
 
 THREADS = max(2, os.cpu_count() or 1)  # chunks tokenized at once, each on one core

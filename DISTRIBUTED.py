@@ -11,8 +11,8 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 from torch.distributed.fsdp import fully_shard
 
-from CONFIG import UserError
-from MODEL import pick_device, pick_dtype
+from DEVICE import pick_device, pick_dtype
+from REPORT import UserError
 
 
 @dataclasses.dataclass(frozen=True)

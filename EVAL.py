@@ -23,11 +23,14 @@ import torch
 import torch.distributed as dist
 
 import CONFIG
+import FLAGS
+import REPORT
+import SETTINGS
 from BATCHES import collate, count_targets, gather
 from CHAT import encode, with_template
-from CONFIG import UserError, need
 from DATA import check_loss_on, kinds, read_all, sources
 from MODEL import context_length, load_for_use, no_padding_warning
+from REPORT import UserError, need
 from TOKENIZER import load_tokenizer
 
 
@@ -177,11 +180,11 @@ def plot_metrics(out_dir):
 
 def main(argv):
     plotting = any(a.split("=")[0] == "--plot" for a in argv)  # --plot OUT needs no model and no data
-    cfg, resolved = CONFIG.load(argv, CONFIG.EVAL_SECTIONS, description=__doc__, config_default=None,
+    cfg, resolved = SETTINGS.load(argv, CONFIG.EVAL_SECTIONS, description=__doc__, config_default=None,
                                 required=() if plotting else ("model.name", "data.files"),
                                 usage="python EVAL.py --model out --data data/train.txt")
     if resolved.print_only:
-        return CONFIG.print_config(cfg, resolved)
+        return FLAGS.print_config(cfg, resolved)
     e = cfg.eval
     if e.plot:
         print(f"wrote {plot_metrics(e.plot)}", file=sys.stderr)
@@ -218,4 +221,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    CONFIG.main_guard(main)
+    REPORT.main_guard(main)

@@ -25,9 +25,11 @@ import torch
 
 import CONFIG
 import FLAGS
+import REPORT
+import SETTINGS
 from ATOMIC import replacing
-from CONFIG import UserError, log, need
 from MODEL import load_for_use
+from REPORT import UserError, log, need
 from TOKENIZER import load_tokenizer
 
 
@@ -152,11 +154,11 @@ def out_path(cfg, stem):
 
 
 def main(argv):
-    cfg, resolved = CONFIG.load(argv, CONFIG.EXPORT_SECTIONS, description=__doc__, config_default=None,
+    cfg, resolved = SETTINGS.load(argv, CONFIG.EXPORT_SECTIONS, description=__doc__, config_default=None,
                                 required=("model.name",), usage="python EXPORT.py --model out (a directory written "
                                 "by TRAIN.py, or a .gguf)")
     if resolved.print_only:
-        return CONFIG.print_config(cfg, resolved)
+        return FLAGS.print_config(cfg, resolved)
     e = cfg.export
     if e.quant is not None and e.quant not in QUANTS[e.format]:
         raise UserError(f"--quant {e.quant} does not apply to --format {e.format} - " + (
@@ -189,4 +191,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    CONFIG.main_guard(main)
+    REPORT.main_guard(main)

@@ -1,20 +1,17 @@
 """The command line of every script: a schema of nested dataclasses as YAML keys and flags, type checks, every
-error at once with "did you mean", and the YAML dump; plus how a script fails (UserError: one line, exit 2)
-and reports (log: stderr). Generic: it names no setting; CONFIG.py holds the schema and passes it in (`root`,
+error at once with "did you mean", and the YAML dump. Generic: it names no setting; CONFIG.py holds the schema and passes it in (`root`,
 the top dataclass, and the sections a script uses).
 """
 import argparse
 import contextlib
 import dataclasses
-import difflib
-import importlib
-import os
-import sys
 import typing
 from dataclasses import field
-from typing import Literal
+from typing import Literal, Optional
 
 import yaml
+
+from REPORT import UserError, first_line, suggest
 
 
 def opt(default, help, *, flag=None, min=None, above=None, at_most=None, const=None):
@@ -24,47 +21,6 @@ def opt(default, help, *, flag=None, min=None, above=None, at_most=None, const=N
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-def log(*a):
-    """Diagnostics to stderr (stdout is for generated text). Under torchrun only rank 0 speaks."""
-    if os.environ.get("RANK", "0") == "0":
-        print(*a, file=sys.stderr, flush=True)
-
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line on stderr with exit code 2, no traceback."""
-
-
-def first_line(error, limit=None):
-    """An exception's first line (at most `limit` characters), to quote inside one of our one-line errors."""
-    lines = str(error).splitlines()
-    return (lines[0] if lines else type(error).__name__)[:limit]
-
-
-def need(module, feature, pip_name=None):
-    """Import an optional package, or fail in one line saying what needs it and what to pip install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"{feature} needs the {pip_name or module} package - pip install {pip_name or module}")
-
-
-def main_guard(main):
-    """Exit with main(sys.argv[1:])'s return code; a UserError becomes one line on stderr and exit 2 (--debug
-    shows the traceback)."""
-    argv = sys.argv[1:]
-    try:
-        code = main(argv)
-    except UserError as e:
-        if "--debug" in argv:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except BrokenPipeError:  # `… | head` closed stdout: stop quietly, as other Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
-    sys.exit(code)
 
 
 # ---------------------------------------------------------------- schema walking
@@ -128,11 +84,6 @@ def check_range(value, f, key):
         raise UserError(f"{key}: must be > {m['above']}, got {value!r}")
     if m["at_most"] is not None and value > m["at_most"]:
         raise UserError(f"{key}: must be <= {m['at_most']}, got {value!r}")
-
-
-def suggest(name, candidates):
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return f" - did you mean '{close[0]}'?" if close else ""
 
 
 # ---------------------------------------------------------------- YAML + flags
@@ -231,6 +182,39 @@ def flag_value(typ, key):
         except UserError as e:
             raise argparse.ArgumentTypeError(str(e))
     return parse
+
+
+def parse(root, argv, sections, description, config_default):
+    """The command line: ({"section.key": value} of the flags given, the YAML path (--config, or the
+    script's default), whether --config was given, whether --print-config was)."""
+    args = vars(make_parser(root, sections, description, config_default).parse_args(argv))
+    path, print_only = args.pop("config"), args.pop("print_config")
+    args.pop("debug")  # main_guard reads --debug itself
+    return args, path, any(a == "--config" or a.startswith("--config=") for a in argv), print_only
+
+
+def require(raw, keys, root, sections, usage):
+    """Fail, naming their flags, when the YAML and flags (raw, nested) leave any of the keys unset."""
+    missing = [k for k in keys if k.split(".")[1] not in (raw.get(k.split(".")[0]) or {})]
+    if missing:
+        names = " and ".join(flag_of(sec, f) for sec, f, _ in leaves(root, sections) if f"{sec}.{f.name}" in missing)
+        raise UserError(f"{names} {'is' if len(missing) == 1 else 'are'} required - e.g. {usage}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """What a config loader decided for the user, to say before anything runs."""
+    summary: Optional[str]  # the first log line of a run: the file read, what was dropped and chosen
+    notes: dict             # {"section.key": why}: the values chosen for the user, marked by print_config
+    sections: tuple
+    print_only: bool        # --print-config: print the config (print_config) instead of running
+
+
+def print_config(cfg, resolved):
+    """--print-config: the config as YAML on stdout, led by what was decided and with the values chosen for the
+    user marked. -> exit code 0"""
+    print((f"# {resolved.summary}\n" if resolved.summary else "") + dump(cfg, resolved.sections, resolved.notes), end="")
+    return 0
 
 
 def make_parser(root, sections, description, config_default):

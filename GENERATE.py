@@ -9,8 +9,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from CHAT import end_of_turn
-from CONFIG import UserError, log
 from MODEL import context_length, load_for_use
+from REPORT import UserError, log
 from TOKENIZER import load_tokenizer
 
 

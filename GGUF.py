@@ -9,8 +9,8 @@ import gguf
 import numpy as np
 import torch
 
-from CONFIG import UserError, log
 from MODEL import context_length, load_pretrained
+from REPORT import UserError, log
 from TOKENIZER import load_tokenizer
 
 PROMPTS = ["The", "Once upon a time, there was", "It is a truth universally acknowledged that",

@@ -34,7 +34,7 @@ import LOSS
 import MODEL
 from BATCHES import Step
 from CHAT import parse, template, with_template
-from CONFIG import UserError, first_line, log, suggest
+from REPORT import UserError, first_line, log, suggest
 from SOURCES import rows
 
 

@@ -15,7 +15,10 @@ import json
 import sys
 
 import CONFIG
-from CONFIG import UserError, log
+import FLAGS
+import REPORT
+import SETTINGS
+from REPORT import UserError, log
 
 
 def stdin_prompt(stdin):
@@ -27,11 +30,11 @@ def stdin_prompt(stdin):
 
 
 def main(argv):
-    cfg, resolved = CONFIG.load(argv, CONFIG.INFER_SECTIONS, description=__doc__, config_default=None,
+    cfg, resolved = SETTINGS.load(argv, CONFIG.INFER_SECTIONS, description=__doc__, config_default=None,
                                 required=("model.name",), usage="python INFER.py --model out --prompt \"…\" (a "
                                 "directory written by TRAIN.py, or a hub id)")
     if resolved.print_only:
-        return CONFIG.print_config(cfg, resolved)
+        return FLAGS.print_config(cfg, resolved)
     g = cfg.infer
     if g.jsonl and not g.each_line:
         raise UserError("--jsonl needs --each-line (one JSON object per input line)")
@@ -42,8 +45,8 @@ def main(argv):
     if prompt is not None and not prompt.strip():
         raise UserError("empty prompt - pass --prompt TEXT or pipe text on stdin")
     if g.serve:  # an OpenAI-compatible HTTP API instead of stdout; its packages are checked before anything loads
-        CONFIG.need("fastapi", "--serve", "fastapi uvicorn")
-        CONFIG.need("uvicorn", "--serve", "fastapi uvicorn")
+        REPORT.need("fastapi", "--serve", "fastapi uvicorn")
+        REPORT.need("uvicorn", "--serve", "fastapi uvicorn")
         import SERVE  # only now: it needs fastapi and uvicorn, and brings torch
         return SERVE.serve(cfg)
 
@@ -96,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    CONFIG.main_guard(main)
+    REPORT.main_guard(main)

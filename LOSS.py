@@ -20,7 +20,7 @@ sum, its full logits for per-token log-probabilities.
 import torch
 import torch.nn.functional as F
 
-from CONFIG import log
+from REPORT import log
 
 CHUNK_ELEMENTS = 2 ** 24  # logits per chunk: 64 MB in fp32; a chunk of rows is CHUNK_ELEMENTS // vocab
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import CONFIG
-from CONFIG import log
+from REPORT import log
 
 
 @dataclasses.dataclass

@@ -22,9 +22,10 @@ from tokenizers import Tokenizer
 from transformers import DynamicCache
 
 import ONNX_RUN
-from CONFIG import InferCfg, UserError, log
+from CONFIG import InferCfg
 from GENERATE import Options, Row, chat_ids, generate, stops_and_eos
 from MODEL import context_length
+from REPORT import UserError, log
 
 PROMPTS = ["It is a truth universally acknowledged", "Once upon a time", "The weather", "She said"]
 NEW_TOKENS = 32

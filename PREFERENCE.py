@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import BATCHES
-from BATCHES import Step
 from ATOMIC import replacing
-from CONFIG import UserError, log
+from BATCHES import Step
+from REPORT import UserError, log
 
 
 def answer_logps(logits, labels, position_ids):

@@ -20,7 +20,7 @@ import io
 import itertools
 import json
 
-from CONFIG import UserError, first_line, need
+from REPORT import UserError, first_line, need
 
 BATCH = 4096  # rows read at a time from columnar data
 

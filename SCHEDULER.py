@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 
 import GENERATE
-from CONFIG import log
 from EVAL import score
+from REPORT import log
 
 
 @dataclasses.dataclass(eq=False)  # compared by identity: the queue removes this job, not an equal one

@@ -26,9 +26,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 import GENERATE
 import SCHEDULER
-from CONFIG import UserError, log
 from PROTOCOL import (RequestError, choice, finish_reason, messages_of, options, prompts_of, shapes, unsupported,
                       wanted_logprobs)
+from REPORT import UserError, log
+
 
 @dataclasses.dataclass
 class Served:

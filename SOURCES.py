@@ -22,8 +22,8 @@ import socket
 import urllib.parse
 from typing import Optional
 
-from CONFIG import UserError, first_line, log, need, suggest
 from READERS import arrow_rows, csv_rows, json_rows, jsonl_rows, parquet_rows, text_rows
+from REPORT import UserError, first_line, log, need, suggest
 
 KEYS = ("text", "messages", "prompt", "completion", "chosen", "rejected", "instruction", "input", "output")
 FORMATS = ("txt", "jsonl", "json", "csv", "tsv", "parquet")

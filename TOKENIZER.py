@@ -7,9 +7,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ATOMIC import replacing
 from CHAT import CHATML, CHATML_TOKENS
-from CONFIG import UserError, first_line, log
 from DATA import iter_texts
 from MODEL import from_pretrained_args
+from REPORT import UserError, first_line, log
 from SOURCES import fingerprint
 
 EOS = "<|endoftext|>"

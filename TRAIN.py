@@ -24,16 +24,20 @@ import CONFIG
 import DATA
 import DISTRIBUTED
 import EVAL
+import FLAGS
+import GRPO
+import LORA
 import LOSS
 import METRICS
 import MODEL
-import GRPO
 import PREFERENCE
 import RECOMPUTE
+import REPORT
+import SETTINGS
 import SFT
 import TOKENIZER
 from CHAT import with_template
-from CONFIG import UserError, log
+from REPORT import UserError, log
 
 
 def lr_at(step, t, total_steps):
@@ -46,7 +50,7 @@ def lr_at(step, t, total_steps):
     return t.learning_rate * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
 
 
-OBJECTIVES = {"sft": SFT.SFT, "dpo": PREFERENCE.DPO, "grpo": GRPO.GRPO}  # CONFIG.objective: the parts in SFT.py
+OBJECTIVES = {"sft": SFT.SFT, "dpo": PREFERENCE.DPO, "grpo": GRPO.GRPO}  # the objectives' parts: SFT.py
 
 
 def param_groups(model, weight_decay):
@@ -71,7 +75,7 @@ def setup(cfg, run):
     tokenizer, model = checkpoint_model(cfg, run, resume) if resume else new_model(cfg, run, chat, sources[0])
     model = model if getattr(model, "hf_quantizer", None) else model.to(run.device)  # a 4-bit base is on its GPU
     MODEL.fuse_activations(model)
-    cfg, note = CONFIG.with_max_length(cfg, MODEL.context_length(model.config))
+    cfg, note = SETTINGS.with_max_length(cfg, MODEL.context_length(model.config))
     for line in [note] + [f"note: resuming with settings that differ from the checkpoint's: {'; '.join(changed)}"
                           for changed in [CHECKPOINT.changed_settings(resume, cfg) if resume else []] if changed]:
         if line:
@@ -94,7 +98,7 @@ def start(cfg, run):
 def check_kinds(kinds, cfg):
     """Every source holds what the run's objective trains on (DPO: preference pairs, GRPO: prompts alone, SFT:
     the rest), and DPO and GRPO start from a trained model."""
-    name = CONFIG.objective(cfg.training)
+    name = "grpo" if cfg.training.grpo else "dpo" if cfg.training.dpo else "sft"
     if name != "sft" and cfg.model.from_scratch:
         raise UserError(f"training.{name}: {name.upper()} tunes a trained model against itself - pass --model DIR "
                         "(e.g. a supervised run's output), not --from-scratch")
@@ -134,7 +138,7 @@ def checkpoint_model(cfg, run, resume):
     """A checkpoint's tokenizer and model (an adapter brings its base); model.name is only where the run began."""
     model = MODEL.load_pretrained(resume, torch.float32, trainable=True,
                                   attn_implementation=cfg.model.attn_implementation,
-                                  quantization_config=MODEL.quantization(cfg.lora, run.device))
+                                  quantization_config=LORA.quantization(cfg.lora, run.device))
     return TOKENIZER.load_tokenizer(resume), model
 
 
@@ -294,9 +298,9 @@ def finish(run, cfg, raw_model, tokenizer):
 
 
 def main(argv):
-    cfg, resolved = CONFIG.load(argv, description=__doc__)
+    cfg, resolved = SETTINGS.load(argv, description=__doc__)
     if resolved.print_only:
-        return CONFIG.print_config(cfg, resolved)
+        return FLAGS.print_config(cfg, resolved)
     log(resolved.summary)  # the first line: the config read, what was dropped and chosen for this run
     code = train(cfg)
     DISTRIBUTED.shutdown()
@@ -304,4 +308,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    CONFIG.main_guard(main)
+    REPORT.main_guard(main)

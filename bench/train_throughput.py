@@ -1,16 +1,18 @@
 """Training speed and peak memory of TRAIN.py's loop against the Hugging Face Trainer, on the same model.
 
     pip install accelerate          # the Trainer's requirement (only this bench needs it)
-    python bench/train_throughput.py [--cases smollm2:4x512,smollm2:2x1024,smollm2:4x1024,small:8x256]
-                                     [--steps 4] [--repeats 1] [--dtypes float32,bfloat16] [--grad-checkpointing]
+    python bench/train_throughput.py [--cases gpt2-11m:8x256,smollm2:2x1024] [--recompute default,cheap]
+                                     [--steps 12] [--repeats 2] [--dtypes float32,bfloat16] [--grad-checkpointing]
 
 Identical work on both sides: a randomly initialised model saved as a directory (fine-tuned by both, from
 fp32 weights), a 4096-token BPE of data/, the same packed blocks of data/ (documents kept apart, TRAIN.py's
 collation: restarting position ids, no padding), BATCHxLENGTH per step, AdamW (lr 3e-4, betas 0.9/0.95, weight
 decay 0.1; the Trainer's default, fused, implementation), warmup + cosine, gradient clipping 1.0, the same
 autocast precision, CPU, no dropout. Models: smollm2 = SmolLM2-135M's shape (llama, 30 layers, 576 wide,
-49152-token vocabulary, tied embeddings); small/medium = GPT-2 of 6x384 / 10x640. Each side runs in a fresh
-process, alternating, --repeats times. Speed: real tokens/s, median over the steps after the first two, then
+49152-token vocabulary, tied embeddings); gpt2-11m = GPT-2 of 6x384 with a 1024-token vocabulary (its own BPE);
+small/medium = GPT-2 of 6x384 / 10x640 with the 4096-token BPE. --recompute: the TRAIN.py modes to run
+(default: none given, TRAIN.py's own choice; cheap, all, none), each against the same Trainer runs. Each run
+is a fresh process, alternating, --repeats times. Speed: real tokens/s, median over the steps after the first two, then
 over runs. Memory: the process's peak RSS (from wait4), and the floor: fp32 weights + gradients + AdamW's
 two moments = 16 bytes per parameter, plus what the process holds after importing torch and transformers.
 
@@ -37,6 +39,8 @@ MODELS = {
     "smollm2": ("llama", dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                               num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
                               tie_word_embeddings=True, rope_theta=100000.0)),
+    "gpt2-11m": ("gpt2", dict(n_layer=6, n_head=6, n_embd=384, n_positions=1024, vocab_size=1024, resid_pdrop=0,
+                              embd_pdrop=0, attn_pdrop=0)),
     "small": ("gpt2", dict(n_layer=6, n_head=6, n_embd=384, n_positions=1024, vocab_size=4096, resid_pdrop=0,
                            embd_pdrop=0, attn_pdrop=0)),
     "medium": ("gpt2", dict(n_layer=10, n_head=10, n_embd=640, n_positions=1024, vocab_size=4096, resid_pdrop=0,
@@ -129,13 +133,15 @@ def run_measured(cmd):
         return fh.read(), usage.ru_maxrss / 1e6  # ru_maxrss is in kB on Linux
 
 
-def ours(model_dir, batch, length, steps, dtype, work, gc):
+def ours(model_dir, batch, length, steps, dtype, work, recompute):
+    """-> (tok/s, peak GB, the recompute mode TRAIN.py logged)"""
     out = os.path.join(work, "ours")
     _, rss = run_measured([sys.executable, "TRAIN.py", "--model", model_dir, "--data", *DATA, "--packing",
                            "--cache-dir", work + "/cache", "--out", out, "--overwrite", "--max-steps", str(steps),
                            "--batch-size", str(batch), "--grad-accum", "1", "--max-length", str(length),
                            "--learning-rate", "3e-4", "--warmup-steps", "2", "--dtype", dtype, "--device", "cpu",
-                           "--log-every", "1", "--save-every", "0", "--recompute", "all" if gc else "cheap"])
+                           "--log-every", "1", "--save-every", "0"]
+                          + ([] if recompute == "default" else ["--recompute", recompute]))
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return statistics.median(r["tokens_per_s"] for r in rows[2:] if "tokens_per_s" in r), rss
 
@@ -163,9 +169,10 @@ def make_model(name, tok, work):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="smollm2:4x512,smollm2:2x1024,smollm2:4x1024,small:8x256")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--cases", default="gpt2-11m:8x256,smollm2:2x1024")
+    ap.add_argument("--recompute", default="default,cheap", help="TRAIN.py's modes, each against the Trainer")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--grad-checkpointing", action="store_true", help="on both sides (TRAIN.py --recompute all)")
     ap.add_argument("--vs", choices=["trainer", "trl"], default="trainer")
@@ -185,30 +192,36 @@ def main():
     from DATA import iter_texts, local
     from TOKENIZER import train_tokenizer
     work = tempfile.mkdtemp(prefix="llm-mini-train-bench-")
-    tok = train_tokenizer(iter_texts(local(DATA)), 4096)
+    toks = {}
     _, base = run_measured([sys.executable, "-c", IMPORTS])
     cpu = next((line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}; {args.steps} steps, median of {args.repeats} "
           f"run(s) per side, alternating{', gradient checkpointing on both' if args.grad_checkpointing else ''}; a process that imports torch + transformers holds {base:.2f} GB")
-    print(f"{'model':>16} {'batch':>7} {'dtype':>8} {'ours tok/s':>10} {'Trainer':>8} {'ratio':>6} | {'ours GB':>7} "
-          f"{'Trainer':>8} {'ratio':>6} {'floor':>6}")
+    print(f"{'model':>17} {'batch':>7} {'dtype':>8} {'recompute':>9} {'ours tok/s':>10} {'Trainer':>8} {'ratio':>6} | "
+          f"{'ours GB':>7} {'Trainer':>8} {'ratio':>6} {'floor':>6}")
     dirs = {}
     for case in args.cases.split(","):
         name, shape = case.split(":")
         batch, length = map(int, shape.split("x"))
         if name not in dirs:
-            dirs[name] = make_model(name, tok, work)
+            vocab = 1024 if MODELS[name][1]["vocab_size"] == 1024 else 4096
+            if vocab not in toks:
+                toks[vocab] = train_tokenizer(iter_texts(local(DATA)), vocab)
+            dirs[name] = make_model(name, toks[vocab], work)
         path, n_params = dirs[name]
+        modes = ["all"] if args.grad_checkpointing else args.recompute.split(",")
         for dtype in args.dtypes.split(","):
-            a, b = [], []
+            runs = {mode: [] for mode in modes + ["Trainer"]}
             for _ in range(args.repeats):
-                a.append(ours(path, batch, length, args.steps, dtype, work, args.grad_checkpointing))
-                b.append(trainer(path, batch, length, args.steps, dtype, work, args.grad_checkpointing))
-            (tps_a, tps_b), (rss_a, rss_b) = [[statistics.median(x[i] for x in side) for side in (a, b)]
-                                              for i in (0, 1)]
-            print(f"{name:>8} {n_params / 1e6:6.1f}M {batch:>2}x{length:<4} {dtype:>8} {tps_a:10.0f} {tps_b:8.0f} "
-                  f"{tps_a / tps_b:6.2f} | {rss_a:7.2f} {rss_b:8.2f} {rss_a / rss_b:6.2f} "
-                  f"{16 * n_params / 1e9 + base:6.2f}", flush=True)
+                for mode in modes:
+                    runs[mode].append(ours(path, batch, length, args.steps, dtype, work, mode))
+                runs["Trainer"].append(trainer(path, batch, length, args.steps, dtype, work, args.grad_checkpointing))
+            tps_b, rss_b = [statistics.median(x[i] for x in runs["Trainer"]) for i in (0, 1)]
+            for mode in modes:
+                tps_a, rss_a = [statistics.median(x[i] for x in runs[mode]) for i in (0, 1)]
+                print(f"{name:>9} {n_params / 1e6:6.1f}M {batch:>2}x{length:<4} {dtype:>8} {mode:>9} {tps_a:10.0f} "
+                      f"{tps_b:8.0f} {tps_a / tps_b:6.2f} | {rss_a:7.2f} {rss_b:8.2f} {rss_a / rss_b:6.2f} "
+                      f"{16 * n_params / 1e9 + base:6.2f}", flush=True)
 
 
 if __name__ == "__main__":

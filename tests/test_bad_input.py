@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from CONFIG import UserError
+from REPORT import UserError
 from conftest import ROOT, TINY, run
 
 LONG_LINE = "word " * 400

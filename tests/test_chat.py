@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from CHAT import CHATML, encode, end_of_turn
-from CONFIG import UserError
 from BATCHES import collate, gather, sequences
+from CHAT import CHATML, encode, end_of_turn
 from DATA import iter_texts, local, read_samples, token_cache
+from REPORT import UserError
 from TOKENIZER import train_tokenizer
 from conftest import run, train
 

@@ -3,10 +3,10 @@ formats, folders and datasets: test_sources.py."""
 import pytest
 import torch
 
-from CONFIG import UserError
 from BATCHES import collate, count_targets, plain, sample_indices
 from CONFIG import DataCfg
 from DATA import local, read_samples, sources
+from REPORT import UserError
 
 
 def texts(path):

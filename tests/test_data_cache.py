@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from CONFIG import DataCfg
 from BATCHES import gather, load, sequences
+from CONFIG import DataCfg
 from DATA import Corpus, local, sources, token_cache
-from conftest import train, reference_nll
+from conftest import ROOT, reference_nll, train
 
 
 @pytest.fixture(scope="module")
@@ -119,16 +119,35 @@ def test_save_best_keeps_the_lowest_validation_checkpoint(tmp_path):
 
 
 def test_second_run_reuses_the_cache(tmp_path):
+    """The second run reads the tokens and the BPE the first one wrote: nothing in the cache is written again."""
     cache = tmp_path / "cache"
+
+    def files():
+        return {str(p.relative_to(cache)): p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
     first = train(tmp_path / "a", "--max-steps", "1", "--cache-dir", cache)
+    written = files()
     second = train(tmp_path / "b", "--max-steps", "1", "--cache-dir", cache)
-    assert "tokenized" in first.stderr and "training a byte-level BPE" in first.stderr
+    assert any(n.endswith("tokens.bin") for n in written) and any(n.endswith("tokenizer.json") for n in written)
+    assert files() == written
     assert "reusing token cache" in second.stderr and "reusing the BPE tokenizer" in second.stderr
+    assert "tokenized" in first.stderr
 
 
-def test_packed_training_runs_and_logs_token_counts(tmp_path):
-    r = train(tmp_path / "out", "--max-steps", "2", "--packing")
-    assert "packed blocks of <= 48 tokens" in r.stderr
+def test_packed_training_puts_several_documents_in_each_sequence(tmp_path):
+    """--packing: each of a step's batch_size x grad_accum sequences (4 x 2) of at most max_length tokens (48)
+    holds several short documents, so a step trains on several times the tokens of one document per sequence."""
+    words = open(os.path.join(ROOT, "tests/data/train.txt")).read().split()
+    data = tmp_path / "short.txt"
+    data.write_text("\n".join(" ".join(words[i:i + 3]) for i in range(0, 3 * 400, 3)) + "\n")
+
+    def tokens_per_step(*args):
+        train(tmp_path / "out", "--data", data, "--max-steps", "3", "--log-every", "1", "--overwrite",
+              "--cache-dir", tmp_path / "cache", *args)
+        rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl") if "tokens_per_s" in line]
+        return [round(r["tokens_per_s"] * (r["prepare_s"] + r["train_s"])) for r in rows]
+    packed, apart = tokens_per_step("--packing"), tokens_per_step("--no-packing")
+    assert all(3 * a < p <= 4 * 2 * 48 for p, a in zip(packed, apart)), (packed, apart)
+
 
 
 def test_the_cache_tokenizes_as_transformers_does_when_the_tokenizer_file_sets_truncation(tmp_path, tok):

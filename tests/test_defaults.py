@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import CONFIG
 import FLAGS
-from CONFIG import UserError, load
 from BATCHES import collate, count_targets, evenly_spaced, gather, held_out
+from REPORT import UserError
+from SETTINGS import load
 from TRAIN import lr_at
 from conftest import ROOT, reference_nll, run, train
 

@@ -11,7 +11,7 @@ import BATCHES
 import CHAT
 import DATA
 import PREFERENCE
-from conftest import ROOT, TINY, run, train, weights
+from conftest import ROOT, run, train, weights
 
 WORDS = "apple river stone cloud green music paper light window garden".split()
 

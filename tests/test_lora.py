@@ -98,7 +98,7 @@ def test_all_linear_adapts_the_attention_and_mlp_projections(arch, kw, projectio
     (attention and MLP), and never the output head."""
     from transformers import AutoConfig
     from CONFIG import LoraCfg
-    from MODEL import add_lora
+    from LORA import add_lora
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, vocab_size=64, **kw))
     adapted = {name.split(".")[-4] for name, _ in add_lora(model, LoraCfg(enabled=True), "base").named_parameters()
                if "lora_A" in name}

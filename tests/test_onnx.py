@@ -1,4 +1,5 @@
 """EXPORT.py --format onnx: a folder with a KV cache that generates in onnxruntime alone, as INFER.py does."""
+import json
 import os
 import shutil
 import subprocess
@@ -48,12 +49,26 @@ def without_torch(script, *args, stdin=None):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_onnx_export_is_a_folder_verified_by_greedy_generation(onnx_exports, arch):
+def test_onnx_export_is_a_folder_of_the_graph_its_tokenizer_and_runner(onnx_exports, arch):
     folder, stderr = onnx_exports[arch]
     assert f"wrote {folder} (" in stderr and "onnx f32 with a KV cache" in stderr
-    assert "greedy generation (32 tokens) identical to INFER.py --greedy's after 4/4 prompts" in stderr
     assert sorted(os.listdir(folder)) == ["genai_config.json", "generate.py", "generation.json", "model.onnx",
                                           "model.onnx.data", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_onnx_verification_refuses_a_graph_that_is_not_the_models(models, onnx_exports):
+    """The check EXPORT.py runs before it keeps a folder: the gpt2 export against the same model with one weight
+    changed (its greedy text the same or not) is an error, and against the model itself it passes."""
+    import ONNX
+    from REPORT import UserError
+    from TOKENIZER import load_tokenizer
+    folder, tok = onnx_exports["gpt2"][0], load_tokenizer(str(models["gpt2"]))
+    model = load(models["gpt2"])
+    assert ONNX.verify(model, tok, str(folder), "f32", 0.99)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] += 0.01
+    with pytest.raises(UserError, match="differ"):
+        ONNX.verify(model, tok, str(folder), "f32", 0.99)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -96,6 +111,11 @@ def test_without_onnxruntime_genai_the_export_says_that_check_was_skipped(models
             env={"PYTHONPATH": str(tmp_path / "hide")})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "onnxruntime-genai check skipped: pip install onnxruntime-genai" in r.stderr
+    # the folder is still whole: genai's config written, and the runner generates what INFER.py --greedy does
+    assert json.load(open(tmp_path / "m" / "genai_config.json"))["model"]["decoder"]["filename"] == "model.onnx"
+    want = run("INFER.py", "--model", models["llama"], "--prompt", "The weather", "--greedy", "--max-new-tokens", "16")
+    got = without_torch(tmp_path / "m" / "generate.py", "--prompt", "The weather", "--greedy", "--max-new-tokens", "16")
+    assert got.returncode == 0 and got.stdout == want.stdout, got.stderr[-2000:]
 
 
 def test_onnx_runner_reads_stdin_and_samples_reproducibly(onnx_exports):

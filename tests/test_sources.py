@@ -7,11 +7,11 @@ import os
 import shutil
 import time
 
-import numpy as np
 import pytest
 
-from CONFIG import DataCfg, UserError
+from CONFIG import DataCfg
 from DATA import iter_texts, local, read_all, sources, token_cache
+from REPORT import UserError
 from TOKENIZER import train_tokenizer
 from conftest import ROOT, TINY, run, same_weights, train
 

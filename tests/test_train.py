@@ -10,9 +10,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from BATCHES import collate, count_targets, plain
 from BATCHES import micro_batches
-from TRAIN import due, lr_at, param_groups
 from CONFIG import TrainingCfg
 from DISTRIBUTED import Run
+from TRAIN import due, lr_at, param_groups
 from conftest import run, same_weights, train, weights
 
 STRAIGHT = ["--seed", "7"]
@@ -230,7 +230,7 @@ def test_due(step, every, last, expected):
     ("mps", "train", False, torch.float32),
 ])
 def test_dtype_auto_means_one_thing_per_purpose_and_device(device, purpose, bf16, expected):
-    from MODEL import auto_dtype
+    from DEVICE import auto_dtype
     assert auto_dtype(device, purpose, bf16) is expected
 
 
@@ -238,13 +238,13 @@ def test_dtype_auto_means_one_thing_per_purpose_and_device(device, purpose, bf16
                                                      ("bfloat16", "generate", torch.bfloat16),
                                                      ("float16", "generate", torch.float16)])
 def test_a_named_dtype_is_that_dtype(name, purpose, expected):
-    from MODEL import pick_dtype
+    from DEVICE import pick_dtype
     assert pick_dtype(name, torch.device("cpu"), purpose) is expected
 
 
 def test_float16_training_on_cpu_is_refused_and_bf16_without_hardware_warned(capsys):
-    from CONFIG import UserError
-    from MODEL import cpu_has_native_bf16, pick_dtype
+    from REPORT import UserError
+    from DEVICE import cpu_has_native_bf16, pick_dtype
     with pytest.raises(UserError, match="float16 is not supported for training on CPU"):
         pick_dtype("float16", torch.device("cpu"), "train")
     pick_dtype("bfloat16", torch.device("cpu"), "train")
@@ -253,8 +253,8 @@ def test_float16_training_on_cpu_is_refused_and_bf16_without_hardware_warned(cap
 
 def test_flash_attention_is_allowed_on_any_cuda_device_and_refused_elsewhere(monkeypatch):
     import importlib.util
-    from CONFIG import UserError
-    from MODEL import check_attention
+    from REPORT import UserError
+    from DEVICE import check_attention
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
     for device in ("cuda", "cuda:0", "cuda:1"):  # torchrun gives rank 1 the device cuda:1
