@@ -133,9 +133,10 @@ class TrainingCfg:
     grpo_epsilon: float = opt(0.2, "GRPO: the policy ratio is clipped to [1 - epsilon, 1 + epsilon]", above=0)
     grpo_beta: float = opt(0.0, "GRPO: weight of the KL penalty to the reference, the starting model (0: none, as "
                                 "TRL; > 0 under LoRA: the adapter disabled, else a second copy)", min=0)
-    recompute: Literal["cheap", "all", "none"] = opt(
-        "cheap", "what backward recomputes instead of keeping (RECOMPUTE.py): cheap = element-wise results, matmul "
-        "and attention outputs kept (the same gradients, less memory, little time); all = whole layers "
+    recompute: Literal["auto", "cheap", "all", "none"] = opt(
+        "auto", "what backward recomputes instead of keeping (RECOMPUTE.py): auto = nothing, unless a micro-batch's "
+        "activations would pass half the free memory, then cheap (or all); cheap = element-wise results, matmul and "
+        "attention outputs kept (the same gradients, 0.6x the activation memory, some time); all = whole layers "
         "(gradient checkpointing: least memory, about a third more time); none = keep everything")
     deterministic: bool = opt(False, "deterministic algorithms only (torch.use_deterministic_algorithms): "
                                      "repeatable to the bit on GPUs, somewhat slower")
@@ -249,6 +250,16 @@ def warmup_of(warmup_steps, total_steps):
     return int(warmup_steps) if warmup_steps >= 1 else math.ceil(warmup_steps * total_steps)
 
 
+# the weight types each export format offers, its default first; and those checked by agreement, not equality
+EXPORT_QUANTS = {"onnx": ("f32", "int8"), "gguf": ("f16", "f32", "q8_0"), "pt2": (), "torchscript": ()}
+QUANTISED = {("onnx", "int8"), ("gguf", "f16"), ("gguf", "q8_0")}
+
+
+def quant_of(e):
+    """export.quant, or by default the format's first weight type (None: a format without a choice)."""
+    return e.quant or next(iter(EXPORT_QUANTS[e.format]), None)
+
+
 def rules(cfg):
     """Checks across values that the per-field ranges cannot express: a list of error messages."""
     t, errors = cfg.training, []
@@ -266,6 +277,13 @@ def rules(cfg):
     if t.grpo and (t.batch_size * t.grad_accum) % t.num_generations:
         errors.append(f"training.batch_size x grad_accum ({t.batch_size} x {t.grad_accum}) must be a multiple of "
                       f"num_generations ({t.num_generations}): each process trains on whole groups of completions")
+    e, quants = cfg.export, EXPORT_QUANTS[cfg.export.format]
+    if e.quant is not None and e.quant not in quants:
+        errors.append(f"--quant {e.quant} does not apply to --format {e.format} - " + (
+            f"choose one of {', '.join(quants)}" if quants else "drop it"))
+    elif e.min_agreement is not None and (e.format, quant_of(e)) not in QUANTISED:
+        errors.append("--min-agreement applies to --format gguf --quant f16/q8_0 and --format onnx --quant int8 - "
+                      "drop it, or choose one of those")
     return errors
 
 

@@ -69,3 +69,19 @@ def check_attention(impl, device):
     if impl == "flash_attention_2" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
         raise UserError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and "
                         "`pip install flash-attn` - use sdpa (the default) otherwise")
+
+
+def free_memory(device, processes=1):
+    """Bytes this process may still use on the device, or None where it cannot be told: a GPU's free memory
+    (CUDA); on a CPU the memory the kernel reports available (/proc/meminfo's MemAvailable), shared by the
+    `processes` of the run on this machine."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as fh:
+            kb = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kb * 1024 // processes

@@ -33,10 +33,6 @@ from REPORT import UserError, log, need
 from TOKENIZER import load_tokenizer
 
 
-# the weight types each format offers, its default first; and those checked by agreement rather than equality
-QUANTS = {"onnx": ["f32", "int8"], "gguf": ["f16", "f32", "q8_0"], "pt2": [], "torchscript": []}
-QUANTISED = {("onnx", "int8"), ("gguf", "f16"), ("gguf", "q8_0")}
-
 
 def logits_module(model):
     """The model as a plain (input_ids, attention_mask) -> logits module, without a KV cache."""
@@ -153,22 +149,22 @@ def out_path(cfg, stem):
     return path
 
 
+def with_defaults(cfg):
+    """cfg with export.quant and export.min_agreement filled (checked against --format already: CONFIG.rules)."""
+    e = cfg.export
+    return FLAGS.replaced(cfg, {"export.quant": CONFIG.quant_of(e),
+                                "export.min_agreement": 0.99 if e.min_agreement is None else e.min_agreement})
+
+
+USAGE = "python EXPORT.py --model out (a directory written by TRAIN.py, or a .gguf)"
+
+
 def main(argv):
-    cfg, resolved = SETTINGS.load(argv, CONFIG.EXPORT_SECTIONS, description=__doc__, config_default=None,
-                                required=("model.name",), usage="python EXPORT.py --model out (a directory written "
-                                "by TRAIN.py, or a .gguf)")
+    cfg, resolved = SETTINGS.load(argv, CONFIG.EXPORT_SECTIONS, __doc__, None, ("model.name",), USAGE)
     if resolved.print_only:
         return FLAGS.print_config(cfg, resolved)
+    cfg = with_defaults(cfg)
     e = cfg.export
-    if e.quant is not None and e.quant not in QUANTS[e.format]:
-        raise UserError(f"--quant {e.quant} does not apply to --format {e.format} - " + (
-            f"choose one of {', '.join(QUANTS[e.format])}" if QUANTS[e.format] else "drop it"))
-    cfg = FLAGS.replaced(cfg, {"export.quant": e.quant or next(iter(QUANTS[e.format]), None)})
-    e = cfg.export
-    if e.min_agreement is not None and (e.format, e.quant) not in QUANTISED:
-        raise UserError("--min-agreement applies to --format gguf --quant f16/q8_0 and --format onnx --quant int8 - "
-                        "drop it, or choose one of those")
-    cfg = FLAGS.replaced(cfg, {"export.min_agreement": 0.99 if e.min_agreement is None else e.min_agreement})
     stem = cfg.model.name.rstrip("/").removesuffix(".gguf")
     path = out_path(cfg, stem)
 

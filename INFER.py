@@ -29,10 +29,11 @@ def stdin_prompt(stdin):
     return text
 
 
+USAGE = "python INFER.py --model out --prompt \"…\" (a directory written by TRAIN.py, or a hub id)"
+
+
 def main(argv):
-    cfg, resolved = SETTINGS.load(argv, CONFIG.INFER_SECTIONS, description=__doc__, config_default=None,
-                                required=("model.name",), usage="python INFER.py --model out --prompt \"…\" (a "
-                                "directory written by TRAIN.py, or a hub id)")
+    cfg, resolved = SETTINGS.load(argv, CONFIG.INFER_SECTIONS, __doc__, None, ("model.name",), USAGE)
     if resolved.print_only:
         return FLAGS.print_config(cfg, resolved)
     g = cfg.infer

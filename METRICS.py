@@ -44,7 +44,7 @@ def summary(cfg, run, scorer, data, total_steps):
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     recomputing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # transformers' flag
-    on = [name for name, flag in ((f"recompute {t.recompute}", recomputing),
+    on = [name for name, flag in (("recompute", recomputing),
                                   ("chunked loss", scorer.chunked), ("torch.compile", t.compile),
                                   ("FSDP", t.fsdp)) if flag]
     return (f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | {data} | global "

@@ -75,6 +75,8 @@ def resolve_purpose(cfg):
     notes = implied | {k: f"{purpose(cfg)} default" for k in filled}
     if cfg.training.max_length is None:
         notes["training.max_length"] = f"the model's context, at most {CONFIG.MAX_LENGTH_CAP}"
+    if cfg.training.recompute == "auto":
+        notes["training.recompute"] = "decided once the model is loaded: nothing, unless memory is short (RECOMPUTE.py)"
     return cfg, chosen, notes
 
 

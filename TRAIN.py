@@ -22,6 +22,7 @@ import BATCHES
 import CHECKPOINT
 import CONFIG
 import DATA
+import DEVICE
 import DISTRIBUTED
 import EVAL
 import FLAGS
@@ -206,7 +207,8 @@ def train(cfg):
     scorer = LOSS.Scorer(raw_model, chunked=t.chunked_loss and LOSS.chunks_exactly(raw_model, run.device) is None)
     objective = objective_of(cfg, run, sources, tokenizer, scorer, resume)
     val_idx = BATCHES.validation_subset(objective.val, t)
-    log(RECOMPUTE.apply(raw_model, t.recompute))  # before wrapping: each decoder layer's own call changes
+    mode, why = RECOMPUTE.plan(t, raw_model, DEVICE.free_memory(run.device, run.world))
+    log(RECOMPUTE.apply(raw_model, mode, why))  # before wrapping: each decoder layer's own call changes
     torch._dynamo.config.suppress_errors = t.compile  # where it cannot compile: eager, with a warning
     model, sync_grads = DISTRIBUTED.wrap(scorer, t, run)
     eval_model = scorer if run.world > 1 and not t.fsdp else model  # not DDP's wrapper: no gradient sync to set up

@@ -167,6 +167,14 @@ def make_model(name, tok, work):
     return path, sum(p.numel() for p in model.parameters())
 
 
+def cpu_name():
+    """The CPU's model name, and whether it has AVX512-BF16 (bf16 matmuls in hardware)."""
+    lines = open("/proc/cpuinfo").read().splitlines()
+    name = next((line.split(":")[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = next((line for line in lines if line.startswith("flags")), "").split()
+    return f"{name} {'with' if 'avx512_bf16' in flags else 'without'} AVX512-BF16"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="gpt2-11m:8x256,smollm2:2x1024")
@@ -181,8 +189,7 @@ def main():
     import torch
     if args.vs == "trl":
         work = tempfile.mkdtemp(prefix="llm-mini-trl-bench-")
-        cpu = next((line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-        print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}; {args.model}; chat SFT, 8 a step, 12 steps, fp32")
+        print(f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; {args.model}; chat SFT, 8 a step, 12 steps, fp32")
         print(f"{'mode':>6} {'ours tok/s':>10} {'TRL':>8} {'ratio':>6} | {'ours GB':>7} {'TRL':>8} {'ratio':>6}")
         for mode in (args.cases if args.cases != ap.get_default("cases") else "lora,full").split(","):
             (tps_a, rss_a), (tps_b, rss_b) = sft_vs_trl(args.model, mode == "lora", work)
@@ -194,8 +201,7 @@ def main():
     work = tempfile.mkdtemp(prefix="llm-mini-train-bench-")
     toks = {}
     _, base = run_measured([sys.executable, "-c", IMPORTS])
-    cpu = next((line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}; {args.steps} steps, median of {args.repeats} "
+    print(f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; {args.steps} steps, median of {args.repeats} "
           f"run(s) per side, alternating{', gradient checkpointing on both' if args.grad_checkpointing else ''}; a process that imports torch + transformers holds {base:.2f} GB")
     print(f"{'model':>17} {'batch':>7} {'dtype':>8} {'recompute':>9} {'ours tok/s':>10} {'Trainer':>8} {'ratio':>6} | "
           f"{'ours GB':>7} {'Trainer':>8} {'ratio':>6} {'floor':>6}")
