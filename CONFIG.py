@@ -146,6 +146,11 @@ class TrainingCfg:
 class OutputCfg:
     dir: str = opt("out", "where checkpoints and the final model are written", flag="--out")
     overwrite: bool = opt(False, "start a fresh run in an output dir that already holds a run")
+    report_to: list = opt([], "trackers that also receive the run's metrics and config (TRACKERS.py): tensorboard, "
+                              "wandb, trackio, mlflow (default: none)", flag="--report-to")
+    run_name: Optional[str] = opt(None, "the run's name in the trackers (default: the output folder's name and the "
+                                        "time)", flag="--run-name")
+    project: str = opt("llm-mini", "the trackers' project (W&B, trackio) or experiment (MLflow)", flag="--project")
 
 
 @dataclass(frozen=True)
@@ -250,6 +255,7 @@ def warmup_of(warmup_steps, total_steps):
     return int(warmup_steps) if warmup_steps >= 1 else math.ceil(warmup_steps * total_steps)
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # --report-to: what TRACKERS.py reports to
 # the weight types each export format offers, its default first; and those checked by agreement, not equality
 EXPORT_QUANTS = {"onnx": ("f32", "int8"), "gguf": ("f16", "f32", "q8_0"), "pt2": (), "torchscript": ()}
 QUANTISED = {("onnx", "int8"), ("gguf", "f16"), ("gguf", "q8_0")}
@@ -277,6 +283,9 @@ def rules(cfg):
     if t.grpo and (t.batch_size * t.grad_accum) % t.num_generations:
         errors.append(f"training.batch_size x grad_accum ({t.batch_size} x {t.grad_accum}) must be a multiple of "
                       f"num_generations ({t.num_generations}): each process trains on whole groups of completions")
+    unknown = [name for name in cfg.output.report_to if name not in TRACKERS]
+    if unknown:
+        errors.append(f"output.report_to: {', '.join(unknown)} - choose from {', '.join(TRACKERS)}")
     e, quants = cfg.export, EXPORT_QUANTS[cfg.export.format]
     if e.quant is not None and e.quant not in quants:
         errors.append(f"--quant {e.quant} does not apply to --format {e.format} - " + (

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import CONFIG
+import TRACKERS
 from REPORT import log
 
 
@@ -35,6 +36,8 @@ class Log:
     started: float             # time.perf_counter() at the start
     names: tuple = ("loss",)   # what Window.sums holds: the loss, then the objective's (DPO's rewards/…)
     val_seconds: float = 0.0
+    trackers: list = dataclasses.field(default_factory=list)  # TRACKERS.open_all: they receive each row too
+    out: str = ""
 
 
 def summary(cfg, run, scorer, data, total_steps):
@@ -54,13 +57,15 @@ def summary(cfg, run, scorer, data, total_steps):
             + "".join(f" | {name} on" for name in on))
 
 
-def open_log(run, total_steps, step, metrics_file, stat_names):
+def open_log(run, total_steps, step, metrics_file, stat_names, trackers=(), out=""):
     """The run's Log from `step` of total_steps, summing the loss and the objective's statistics (stat_names),
-    writing rows to metrics_file (CHECKPOINT.open_metrics; None on ranks other than 0)."""
+    writing rows to metrics_file (CHECKPOINT.open_metrics; None on ranks other than 0) and to the trackers
+    (TRACKERS.open_all, whose state is kept in the output folder `out`)."""
     names = ("loss",) + tuple(stat_names)
     bar = tqdm(total=total_steps, initial=step, file=sys.stderr, dynamic_ncols=True,
                disable=None if run.master else True)  # None: off where stderr is not a terminal
-    return Log(bar, metrics_file, Window(torch.zeros(len(names), device=run.device)), time.perf_counter(), names=names)
+    return Log(bar, metrics_file, Window(torch.zeros(len(names), device=run.device)), time.perf_counter(), names=names,
+               trackers=list(trackers), out=out)
 
 
 def tally(run_log, sums, tokens, prepare_seconds, train_seconds):
@@ -76,6 +81,7 @@ def write_row(run_log, row):
     if run_log.metrics:
         run_log.metrics.write(json.dumps(row) + "\n")
         run_log.metrics.flush()
+    TRACKERS.send(run_log.trackers, run_log.out, row)
 
 
 def log_step(run_log, run, progress, lr, norm):
@@ -116,5 +122,6 @@ def log_validation(run_log, step, val_loss, n_sequences, seconds):
 
 def close(run_log):
     run_log.bar.close()
+    TRACKERS.close_all(run_log.trackers)
     if run_log.metrics:
         run_log.metrics.close()

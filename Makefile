@@ -12,9 +12,9 @@ $(VENV)/.core: requirements.txt Makefile
 	$(PIP) -r requirements.txt matplotlib
 	touch $@
 
-# the tests also cover the optional features: Parquet, datasets and .zst data, LoRA, exports (and onnxruntime-genai on the ONNX one), serving (and lm-evaluation-harness against it), TRL's DPO loss
+# the tests also cover the optional features: Parquet, datasets and .zst data, LoRA, exports (and onnxruntime-genai on the ONNX one), serving (and lm-evaluation-harness against it), TRL's DPO loss, the trackers (TensorBoard, W&B, trackio, MLflow)
 $(VENV)/.installed: $(VENV)/.core
-	$(PIP) pytest pytest-xdist pyarrow datasets zstandard peft onnx onnxruntime onnxscript onnxruntime-genai==0.18.0 gguf fastapi uvicorn openai "lm-eval[api]==0.4.13" trl==1.16.0
+	$(PIP) pytest pytest-xdist pyarrow datasets zstandard peft onnx onnxruntime onnxscript onnxruntime-genai==0.18.0 gguf fastapi uvicorn openai "lm-eval[api]==0.4.13" trl==1.16.0 tensorboard wandb trackio mlflow
 	touch $@
 
 # --overwrite: a second `make demo` replaces the previous demo run in out/ (TRAIN.py refuses otherwise)

@@ -37,6 +37,7 @@ import REPORT
 import SETTINGS
 import SFT
 import TOKENIZER
+import TRACKERS
 from CHAT import with_template
 from REPORT import UserError, log
 
@@ -219,9 +220,12 @@ def train(cfg):
     log(METRICS.summary(cfg, run, scorer, f"{objective.size} {objective.unit}", total_steps))
     if resume:
         log(f"resumed from {resume} at step {progress.step}")
+    o = cfg.output  # the trackers start once the first log line is out (on rank 0)
+    trackers = TRACKERS.open_all(o.report_to, o.dir, o.run_name, o.project, FLAGS.to_dict(cfg, CONFIG.TRAIN_SECTIONS),
+                                 bool(resume)) if run.master and o.report_to else []
     metrics = METRICS.open_log(run, total_steps, progress.step,
                                CHECKPOINT.open_metrics(cfg, progress.step, resume) if run.master else None,
-                               objective.names)
+                               objective.names, trackers, o.dir)
 
     def save(name):  # collective: every rank calls it, rank 0 writes
         state = CHECKPOINT.training_state(run, optimizer, progress, raw_model if t.fsdp else None)
@@ -303,6 +307,7 @@ def main(argv):
     cfg, resolved = SETTINGS.load(argv, description=__doc__)
     if resolved.print_only:
         return FLAGS.print_config(cfg, resolved)
+    TRACKERS.check(cfg.output.report_to)  # a tracker's missing package is said before anything runs
     log(resolved.summary)  # the first line: the config read, what was dropped and chosen for this run
     code = train(cfg)
     DISTRIBUTED.shutdown()
