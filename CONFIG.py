@@ -112,6 +112,10 @@ class TrainingCfg:
     eval_batches: int = opt(20, "validation scores this many batches: the same evenly spread subset of the "
                                 "validation sequences each time (0 = all of them)", min=0)
     save_best: bool = opt(False, "keep the checkpoint with the lowest validation loss in OUT/ckpt-best")
+    eval_tasks: list = opt([], "benchmark tasks (lm-evaluation-harness, as EVAL.py --tasks) scored on rank 0 during "
+                               "training; each score goes to metrics.jsonl and the trackers as tasks/TASK/METRIC")
+    eval_tasks_every: int = opt(0, "score --eval-tasks every N steps (0 = only at the end)", min=0)
+    eval_tasks_path: Optional[str] = opt(None, "--eval-tasks: a folder of task YAML files of your own")
     fsdp: bool = opt(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard)")
     compile: bool = opt(False, "torch.compile the model (falls back to eager, with a warning, where it cannot)")
     chunked_loss: bool = opt(True, "compute the loss chunk by chunk, never the full logits (LOSS.py; the "
@@ -188,6 +192,12 @@ class EvalCfg:
     dump: Optional[str] = opt(None, "write per-token log-probabilities to this .jsonl or .npy file")
     dump_top_k: int = opt(0, "with --dump .jsonl: also the top-k token ids and log-probabilities", min=0)
     plot: Optional[str] = opt(None, "draw OUT/loss.png from OUT/metrics.jsonl of a training run and exit")
+    tasks: list = opt([], "benchmark tasks scored by lm-evaluation-harness (BENCHMARKS.py), e.g. hellaswag,arc_easy, "
+                          "or your own in --include-path; replaces the perplexity report", flag="--tasks")
+    num_fewshot: Optional[int] = opt(None, "--tasks: examples in each prompt (default: each task's own)", min=0)
+    limit: Optional[float] = opt(None, "--tasks: score at most this many documents of each task (below 1: a share)",
+                                 above=0)
+    include_path: Optional[str] = opt(None, "--tasks: a folder of task YAML files of your own")
 
 
 @dataclass(frozen=True)
@@ -283,6 +293,9 @@ def rules(cfg):
     if t.grpo and (t.batch_size * t.grad_accum) % t.num_generations:
         errors.append(f"training.batch_size x grad_accum ({t.batch_size} x {t.grad_accum}) must be a multiple of "
                       f"num_generations ({t.num_generations}): each process trains on whole groups of completions")
+    if t.eval_tasks and t.fsdp:
+        errors.append("training.eval_tasks: scored on rank 0 alone, which FSDP's sharded model cannot do - score the "
+                      "saved model with EVAL.py --tasks instead")
     unknown = [name for name in cfg.output.report_to if name not in TRACKERS]
     if unknown:
         errors.append(f"output.report_to: {', '.join(unknown)} - choose from {', '.join(TRACKERS)}")

@@ -17,11 +17,13 @@ import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import BENCHMARKS
 import CONFIG
 import FLAGS
 import REPORT
@@ -178,10 +180,37 @@ def plot_metrics(out_dir):
     return out
 
 
+def score_tasks(model, tokenizer, t, run):
+    """training.eval_tasks on the current weights, on rank 0 (the others wait): ({"task/metric": score}, seconds)."""
+    t0, found = time.perf_counter(), {}
+    if run.master:
+        training = model.training  # lm-eval's HFLM puts the model in eval mode; the loop's mode comes back after
+        tasks = [name for item in t.eval_tasks for name in item.split(",") if name]
+        found = BENCHMARKS.scores(BENCHMARKS.evaluate(model, tokenizer, tasks, include_path=t.eval_tasks_path,
+                                                      batch_size=t.batch_size))
+        model.train(training)
+    if run.world > 1:
+        dist.barrier()
+    return found, time.perf_counter() - t0
+
+
+def benchmark(mcfg, e):
+    """EVAL.py --tasks: lm-eval's evaluator on the model; its table on stdout, the full JSON beside the model."""
+    model = load_for_use(mcfg, "score")
+    if hasattr(model, "merge_and_unload"):  # a LoRA adapter: lm-eval takes one plain model
+        model = model.merge_and_unload()
+    tasks = [t for item in e.tasks for t in item.split(",") if t]
+    results = BENCHMARKS.evaluate(model, load_tokenizer(mcfg.name, mcfg.trust_remote_code), tasks, e.num_fewshot,
+                                  e.limit, e.include_path, e.batch_size)
+    print(BENCHMARKS.write(results, BENCHMARKS.results_path(mcfg.name)))
+    return 0
+
+
 def main(argv):
     plotting = any(a.split("=")[0] == "--plot" for a in argv)  # --plot OUT needs no model and no data
+    scoring = any(a.split("=")[0] == "--tasks" for a in argv)  # --tasks: their data is the tasks'
     cfg, resolved = SETTINGS.load(argv, CONFIG.EVAL_SECTIONS, description=__doc__, config_default=None,
-                                required=() if plotting else ("model.name", "data.files"),
+                                required=() if plotting else ("model.name",) + (() if scoring else ("data.files",)),
                                 usage="python EVAL.py --model out --data data/train.txt")
     if resolved.print_only:
         return FLAGS.print_config(cfg, resolved)
@@ -189,6 +218,8 @@ def main(argv):
     if e.plot:
         print(f"wrote {plot_metrics(e.plot)}", file=sys.stderr)
         return
+    if e.tasks:
+        return benchmark(cfg.model, e)
     data, _ = sources(cfg.data)
     found = kinds(data)
     check_loss_on(found, cfg.data.loss_on)

@@ -120,6 +120,14 @@ def log_validation(run_log, step, val_loss, n_sequences, seconds):
                           f"({n_sequences} sequences; validation is {share:.0%} of the wall time so far)", file=sys.stderr)
 
 
+def log_tasks(run_log, step, scores, seconds):
+    """One row of benchmark scores (rank 0's; the other ranks have none), as tasks/TASK/METRIC."""
+    if run_log.metrics:
+        write_row(run_log, {"step": step, **{f"tasks/{k}": v for k, v in scores.items()}, "tasks_s": seconds})
+        run_log.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                          + f" ({seconds:.1f} s)", file=sys.stderr)
+
+
 def close(run_log):
     run_log.bar.close()
     TRACKERS.close_all(run_log.trackers)

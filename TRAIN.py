@@ -245,6 +245,8 @@ def train(cfg):
             if t.save_best and val_loss < progress.best_val:
                 progress.best_val = val_loss
                 save("ckpt-best")
+        if ran and t.eval_tasks and due(progress.step, t.eval_tasks_every, last):  # benchmark scores, rank 0
+            METRICS.log_tasks(metrics, progress.step, *EVAL.score_tasks(raw_model, tokenizer, t, run))
         if ran and due(progress.step, t.save_every, last):
             path = save(f"ckpt-step-{progress.step}")
         if last:

@@ -57,6 +57,13 @@ generation_kwargs:
 metric_list:
   - metric: exact_match
 """)
+    (root / "text.yaml").write_text(TASK.format(name="mini_text", data=root / "choice.jsonl") + """\
+output_type: loglikelihood_rolling
+doc_to_text: "{{question}}"
+doc_to_target: "{{question}}"
+metric_list:
+  - metric: bits_per_byte
+""")
     return root
 
 
@@ -102,3 +109,45 @@ def test_generation_through_chat_completions_answers_as_infer_chat_greedy(model,
                 "--max-new-tokens", "16", "--stop", "\n")
         assert r.returncode == 0, r.stderr
         assert s["filtered_resps"][0] == r.stdout[:-1] and r.stdout[:-1], (s["doc"], r.stdout)
+
+
+def test_eval_py_tasks_scores_as_lm_evals_hf_backend(model, tasks, tmp_path):
+    """EVAL.py --tasks runs lm-eval's own evaluator on the model it loads: the same accuracy and per-choice
+    log-likelihoods as `lm_eval --model hf` on the same folder; the table on stdout, the JSON in the folder."""
+    r = run("EVAL.py", "--model", model, "--tasks", "mini_choice", "--include-path", tasks,
+            env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.load(open(model / "lm_eval_results.json"))
+    ours = sorted(results["samples"]["mini_choice"], key=lambda s: s["doc_id"])
+    direct = lm_eval(tmp_path / "hf", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
+                     "--device", "cpu", "--tasks", "mini_choice", "--include_path", tasks)
+    assert [s["acc"] for s in ours] == [s["acc"] for s in direct] and len(ours) == len(CHOICES)
+    for a, b in zip(ours, direct):
+        for (got, _), (want, _) in zip(a["filtered_resps"], b["filtered_resps"]):
+            assert abs(float(got) - float(want)) <= 1e-4, (a["doc"], got, want)
+    acc = results["results"]["mini_choice"]["acc,none"]
+    assert acc == sum(s["acc"] for s in direct) / len(direct)
+    row = next(line for line in r.stdout.splitlines() if line.startswith("|mini_choice|"))  # lm-eval's table
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[5] == "acc" and float(cells[7]) == pytest.approx(acc, abs=1e-4)
+
+
+def test_eval_py_names_a_task_that_does_not_exist(model, tasks):
+    r = run("EVAL.py", "--model", model, "--tasks", "mini_choise", "--include-path", tasks)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --tasks mini_choise: not an "
+                                                                              "lm-eval task")
+
+
+def test_task_scores_are_logged_during_training(tasks, tmp_path):
+    """--eval-tasks: the evaluator runs on the weights of steps 2 and 4 (a rolling log-likelihood task: a score
+    that moves as the model trains); the last score is what EVAL.py --tasks gives the saved model."""
+    out = tmp_path / "out"
+    train(out, "--max-steps", "4", "--save-every", "0", "--eval-tasks", "mini_text", "--eval-tasks-path", tasks,
+          "--eval-tasks-every", "2", env={"HF_DATASETS_OFFLINE": "1"})
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "tasks/mini_text/bits_per_byte" in line]
+    assert [r["step"] for r in rows] == [2, 4] and all(r["tasks_s"] > 0 for r in rows)
+    assert rows[1]["tasks/mini_text/bits_per_byte"] < rows[0]["tasks/mini_text/bits_per_byte"]  # it trained
+    r = run("EVAL.py", "--model", out, "--tasks", "mini_text", "--include-path", tasks)
+    assert r.returncode == 0, r.stderr[-2000:]
+    scored = json.load(open(out / "lm_eval_results.json"))["results"]["mini_text"]["bits_per_byte,none"]
+    assert rows[1]["tasks/mini_text/bits_per_byte"] == pytest.approx(scored, rel=1e-6)
