@@ -15,7 +15,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import sys
 import time
 
@@ -26,13 +25,14 @@ import torch.distributed as dist
 import BENCHMARKS
 import CONFIG
 import FLAGS
+import METRICS
 import REPORT
 import SETTINGS
 from BATCHES import collate, count_targets, gather
 from CHAT import encode, with_template
 from DATA import check_loss_on, kinds, read_all, sources
 from MODEL import context_length, load_for_use, no_padding_warning
-from REPORT import UserError, need
+from REPORT import UserError
 from TOKENIZER import load_tokenizer
 
 
@@ -149,37 +149,6 @@ def dumper(path, top_k):
     return write, close
 
 
-def plot_metrics(out_dir):
-    """out_dir/loss.png: training loss (and validation loss when logged) and learning rate over steps; for a
-    GRPO run out_dir/reward.png: the mean reward (and each reward function's) instead of the loss."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no metrics to plot - pass the --out directory of a training run")
-    need("matplotlib", "the loss plot").use("Agg")
-    import matplotlib.pyplot as plt  # optional: only the plot needs it
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    rewarded = any("reward" in r for r in rows)
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))
-    curves = sorted({k for r in rows for k in r if k == "reward" or k.startswith("rewards/") and k.endswith("/mean")})
-    for name in curves if rewarded else ["loss"]:
-        ax.plot([r["step"] for r in rows if name in r], [r[name] for r in rows if name in r],
-                label=name if rewarded else "train loss", linewidth=2 if name in ("reward", "loss") else 1)
-    val = [r for r in rows if "val_loss" in r]
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
-    ax.set_ylabel("mean reward" if rewarded else "loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    ax_lr.plot([r["step"] for r in rows if "lr" in r], [r["lr"] for r in rows if "lr" in r], color="gray")
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("optimizer step")
-    fig.tight_layout()
-    out = os.path.join(out_dir, "reward.png" if rewarded else "loss.png")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
 def score_tasks(model, tokenizer, t, run):
     """training.eval_tasks on the current weights, on rank 0 (the others wait): ({"task/metric": score}, seconds)."""
     t0, found = time.perf_counter(), {}
@@ -216,7 +185,7 @@ def main(argv):
         return FLAGS.print_config(cfg, resolved)
     e = cfg.eval
     if e.plot:
-        print(f"wrote {plot_metrics(e.plot)}", file=sys.stderr)
+        print(f"wrote {METRICS.plot_metrics(e.plot)}", file=sys.stderr)
         return
     if e.tasks:
         return benchmark(cfg.model, e)

@@ -1,8 +1,10 @@
 """The run's log: its first line, the progress bar on stderr (a plain line per log step where stderr is not a
 terminal), and OUT/metrics.jsonl, one JSON row per log step and per validation, written by rank 0 only."""
 import dataclasses
+import importlib.util
 import json
 import math
+import os
 import sys
 import time
 
@@ -12,7 +14,7 @@ from tqdm import tqdm
 
 import CONFIG
 import TRACKERS
-from REPORT import log
+from REPORT import UserError, log, need
 
 
 @dataclasses.dataclass
@@ -129,7 +131,45 @@ def log_tasks(run_log, step, scores, seconds):
 
 
 def close(run_log):
+    """The end of the log: the bar closed, metrics.jsonl closed and drawn (OUT/loss.png, where matplotlib is
+    installed: EVAL.py --plot says what to install), the trackers finished with that picture."""
     run_log.bar.close()
-    TRACKERS.close_all(run_log.trackers)
+    curve = None
     if run_log.metrics:
         run_log.metrics.close()
+        if importlib.util.find_spec("matplotlib"):
+            curve = plot_metrics(run_log.out)
+            log(f"curve: {curve}")
+    TRACKERS.close_all(run_log.trackers, curve)
+
+
+def plot_metrics(out_dir):
+    """out_dir/loss.png: training loss (and validation loss when logged) and learning rate over steps; for a
+    GRPO run out_dir/reward.png: the mean reward (and each reward function's) instead of the loss."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no metrics to plot - pass the --out directory of a training run")
+    need("matplotlib", "the loss plot").use("Agg")
+    import matplotlib.pyplot as plt  # optional: only the plot needs it
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    rewarded = any("reward" in r for r in rows)
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))
+    curves = sorted({k for r in rows for k in r if k == "reward" or k.startswith("rewards/") and k.endswith("/mean")})
+    for name in curves if rewarded else ["loss"]:
+        ax.plot([r["step"] for r in rows if name in r], [r[name] for r in rows if name in r],
+                label=name if rewarded else "train loss", linewidth=2 if name in ("reward", "loss") else 1)
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_ylabel("mean reward" if rewarded else "loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax_lr.plot([r["step"] for r in rows if "lr" in r], [r["lr"] for r in rows if "lr" in r], color="gray")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    fig.tight_layout()
+    out = os.path.join(out_dir, "reward.png" if rewarded else "loss.png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+

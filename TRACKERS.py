@@ -1,6 +1,7 @@
 """The trackers a training run reports to (--report-to tensorboard wandb trackio mlflow), each through its own
 library, imported only when named: each receives what OUT/metrics.jsonl receives, under the same names and at
-the same steps (each draws its own curves from them), and the resolved config once at the start. Rank 0 only.
+the same steps (each draws its own curves from them), the resolved config once at the start, and the picture of
+the loss curve (OUT/loss.png) at the end. Rank 0 only.
 
 A resumed run continues each tracker's run: OUT/trackers.json keeps the run's name, each tracker's run id and the
 last step each received, and the steps a resumed run trains again (bit-exactly the same: docs/training.md) are
@@ -79,13 +80,40 @@ def send(trackers, out, row):
         save_state(out, state | {t.name: state[t.name] | {"step": step} for t in trackers})
 
 
-def close_all(trackers):
+def close_all(trackers, image=None):
+    """Finish each tracker's run, after sending it the image file (the loss curve), where there is one."""
     for t in trackers:
         try:
             with contextlib.redirect_stdout(sys.stderr):
+                if image:
+                    IMAGE[t.name](t.client, image)
                 FINISH[t.name](t.client)
         except Exception as e:  # noqa: BLE001 - the run is over; say so and go on
             log(f"warning: --report-to {t.name} did not close cleanly ({type(e).__name__}: {str(e)[:160]})")
+
+
+def curve_name(path):
+    """loss_curve (reward_curve for GRPO's reward.png): not the name of a scalar it would be drawn with."""
+    return os.path.splitext(os.path.basename(path))[0] + "_curve"
+
+
+def image_tensorboard(writer, path):
+    from matplotlib.image import imread  # optional, as the picture itself
+    writer.add_image(curve_name(path), imread(path)[..., :3], dataformats="HWC")
+
+
+def image_wandb(run, path):
+    import wandb
+    run.log({curve_name(path): wandb.Image(path)})
+
+
+def image_trackio(trackio, path):
+    trackio.log({curve_name(path): trackio.Image(path)})
+
+
+def image_mlflow(run_id, path):
+    import mlflow
+    mlflow.log_artifact(path)
 
 
 def start_tensorboard(out, name, project, config, run_id):
@@ -136,6 +164,7 @@ def end_mlflow():
     mlflow.end_run()
 
 
+IMAGE = {"tensorboard": image_tensorboard, "wandb": image_wandb, "trackio": image_trackio, "mlflow": image_mlflow}
 START = {"tensorboard": start_tensorboard, "wandb": start_wandb, "trackio": start_trackio, "mlflow": start_mlflow}
 LOG = {"tensorboard": log_tensorboard, "wandb": lambda run, values, step: run.log(values, step=step),
        "trackio": lambda trackio, values, step: trackio.log(values, step=step),

@@ -7,7 +7,6 @@
 Checkpoints go to OUT/ckpt-step-N/ (a save_pretrained directory plus training_state.pt), the final
 model to OUT/. Logs and progress go to stderr, metrics to OUT/metrics.jsonl.
 """
-import importlib.util
 import math
 import os
 import signal
@@ -291,7 +290,7 @@ def train(cfg):
 
 
 def finish(run, cfg, raw_model, tokenizer):
-    """The final model in OUT/ (and OUT/merged with --merge), the loss curve, the closing line."""
+    """The final model in OUT/ (and OUT/merged with --merge), the closing line."""
     out = cfg.output.dir
     weights = CHECKPOINT.full_weights(raw_model) if cfg.training.fsdp else None  # collective: every rank gathers
     if run.master:
@@ -299,8 +298,6 @@ def finish(run, cfg, raw_model, tokenizer):
         if cfg.lora.merge and hasattr(raw_model, "merge_and_unload"):  # base + adapter as one plain model
             CHECKPOINT.write_model_dir(os.path.join(out, "merged"), raw_model.merge_and_unload(), tokenizer, cfg)
             log(f"merged model (no peft needed) in {out}/merged")
-        if importlib.util.find_spec("matplotlib"):  # optional: without it, EVAL.py --plot OUT says what to install
-            log(f"curve: {EVAL.plot_metrics(out)}")
         log(f"done: model in {out}/ - try: python INFER.py --model {out} --prompt \"...\"")
     DISTRIBUTED.barrier(run)
 
