@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 
-from REPORT import log, need
+from REPORT import first_line, log, need
 
 STATE = "trackers.json"
 
@@ -46,7 +46,7 @@ def open_all(names, out, run_name, project, config, resumed):
             with contextlib.redirect_stdout(sys.stderr):  # stdout is for generated text; some trackers print there
                 client, run_id = START[tracker](out, name, project, config, mine.get("id"))
         except Exception as e:  # noqa: BLE001 - a tracker that cannot start must not stop the training run
-            log(f"warning: --report-to {tracker} could not start ({type(e).__name__}: {str(e)[:160]}); training "
+            log(f"warning: --report-to {tracker} could not start ({type(e).__name__}: {first_line(e, 160)}); training "
                 "goes on without it")
             continue
         trackers.append(Tracker(tracker, client, mine.get("step", -1)))
@@ -73,7 +73,7 @@ def send(trackers, out, row):
             with contextlib.redirect_stdout(sys.stderr):
                 LOG[t.name](t.client, values, step)
         except Exception as e:  # noqa: BLE001 - a tracker's failure must not end the training run
-            log(f"warning: --report-to {t.name} failed ({type(e).__name__}: {str(e)[:160]}); it gets no more of this run")
+            log(f"warning: --report-to {t.name} failed ({type(e).__name__}: {first_line(e, 160)}); it gets no more of this run")
             trackers.remove(t)
     if trackers:
         state = json.load(open(os.path.join(out, STATE)))
@@ -89,7 +89,7 @@ def close_all(trackers, image=None):
                     IMAGE[t.name](t.client, image)
                 FINISH[t.name](t.client)
         except Exception as e:  # noqa: BLE001 - the run is over; say so and go on
-            log(f"warning: --report-to {t.name} did not close cleanly ({type(e).__name__}: {str(e)[:160]})")
+            log(f"warning: --report-to {t.name} did not close cleanly ({type(e).__name__}: {first_line(e, 160)})")
 
 
 def curve_name(path):

@@ -9,10 +9,11 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import run, train
+from conftest import ROOT, run, train
 
 RUN = ["--max-steps", "6", "--log-every", "2", "--save-every", "2", "--val-fraction", "0.1", "--eval-every", "3"]
 SAME_AGAIN = ("loss", "lr", "grad_norm", "skipped_steps", "val_loss", "val_ppl", "val_sequences")  # not timings
@@ -133,3 +134,23 @@ def test_a_tracker_that_cannot_start_is_a_warning_and_training_goes_on(tmp_path)
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
     assert "warning: --report-to mlflow could not start" in r.stderr
     assert (out / "model.safetensors").exists() and len(metrics(out)) > 0
+
+
+def test_a_tracker_that_fails_mid_run_is_a_warning_and_training_goes_on(tmp_path):
+    """MLflow's store broken after the run has begun reporting: one warning line, every step still trained and
+    in metrics.jsonl, the model saved."""
+    pytest.importorskip("mlflow")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "TRAIN.py", "--config", "tests/tiny.yaml", "--out", str(out),
+                             "--max-steps", "400", "--log-every", "1", "--save-every", "0", "--report-to", "mlflow"],
+                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 5 * 7) and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    open(out / "mlflow.db", "w").close()  # the store's file emptied under the running tracker
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    warnings = [line for line in err.splitlines() if line.startswith("warning: --report-to mlflow")]
+    assert len(warnings) == 1 and "it gets no more of this run" in warnings[0]
+    assert max(step for step, _, _ in metrics(out)) == 400 and (out / "model.safetensors").exists()
