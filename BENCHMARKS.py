@@ -9,7 +9,7 @@ import os
 from REPORT import UserError, first_line, log, need
 
 
-def evaluate(model, tokenizer, tasks, num_fewshot=None, limit=None, include_path=None, batch_size=8):
+def evaluate(model, tokenizer, tasks, *, num_fewshot=None, limit=None, include_path=None, batch_size=8):
     """lm-eval's results for the tasks (its whole dict: results, configs, n-shot, the samples with each choice's
     log-likelihood), or a one-line UserError for a task that does not exist or whose data cannot be read."""
     lm_eval = need("lm_eval", "--tasks", "lm-eval")

@@ -250,12 +250,16 @@ PURPOSE_DEFAULTS = {"from scratch": {"training.learning_rate": 1e-3, "data.packi
 MAX_LENGTH_CAP = 1024
 
 
+def objective(t):
+    """sft, dpo or grpo: what the run trains for (TRAIN.OBJECTIVES)."""
+    return "grpo" if t.grpo else "dpo" if t.dpo else "sft"
+
+
 def purpose(cfg):
     if cfg.model.from_scratch:
         return "from scratch"
-    if cfg.training.dpo or cfg.training.grpo:
-        name = "DPO" if cfg.training.dpo else "GRPO"
-        return f"{name} with LoRA" if cfg.lora.enabled else name
+    if objective(cfg.training) != "sft":
+        return objective(cfg.training).upper() + (" with LoRA" if cfg.lora.enabled else "")
     return "LoRA fine-tune" if cfg.lora.enabled else "full fine-tune"
 
 

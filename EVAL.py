@@ -169,8 +169,9 @@ def benchmark(mcfg, e):
     if hasattr(model, "merge_and_unload"):  # a LoRA adapter: lm-eval takes one plain model
         model = model.merge_and_unload()
     tasks = [t for item in e.tasks for t in item.split(",") if t]
-    results = BENCHMARKS.evaluate(model, load_tokenizer(mcfg.name, mcfg.trust_remote_code), tasks, e.num_fewshot,
-                                  e.limit, e.include_path, e.batch_size)
+    results = BENCHMARKS.evaluate(model, load_tokenizer(mcfg.name, mcfg.trust_remote_code), tasks,
+                                  num_fewshot=e.num_fewshot, limit=e.limit, include_path=e.include_path,
+                                  batch_size=e.batch_size)
     print(BENCHMARKS.write(results, BENCHMARKS.results_path(mcfg.name)))
     return 0
 

@@ -59,7 +59,7 @@ def summary(cfg, run, scorer, data, total_steps):
             + "".join(f" | {name} on" for name in on))
 
 
-def open_log(run, total_steps, step, metrics_file, stat_names, trackers=(), out=""):
+def open_log(run, total_steps, step, metrics_file, stat_names, *, trackers=(), out=""):
     """The run's Log from `step` of total_steps, summing the loss and the objective's statistics (stat_names),
     writing rows to metrics_file (CHECKPOINT.open_metrics; None on ranks other than 0) and to the trackers
     (TRACKERS.open_all, whose state is kept in the output folder `out`)."""

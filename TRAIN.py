@@ -51,7 +51,7 @@ def lr_at(step, t, total_steps):
     return t.learning_rate * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
 
 
-OBJECTIVES = {"sft": SFT.SFT, "dpo": PREFERENCE.DPO, "grpo": GRPO.GRPO}  # the objectives' parts: SFT.py
+OBJECTIVES = {"sft": SFT.SFT, "dpo": PREFERENCE.DPO, "grpo": GRPO.GRPO}  # CONFIG.objective; the parts: SFT.py
 
 
 def param_groups(model, weight_decay):
@@ -99,7 +99,7 @@ def start(cfg, run):
 def check_kinds(kinds, cfg):
     """Every source holds what the run's objective trains on (DPO: preference pairs, GRPO: prompts alone, SFT:
     the rest), and DPO and GRPO start from a trained model."""
-    name = "grpo" if cfg.training.grpo else "dpo" if cfg.training.dpo else "sft"
+    name = CONFIG.objective(cfg.training)
     if name != "sft" and cfg.model.from_scratch:
         raise UserError(f"training.{name}: {name.upper()} tunes a trained model against itself - pass --model DIR "
                         "(e.g. a supervised run's output), not --from-scratch")
@@ -224,7 +224,7 @@ def train(cfg):
                                  bool(resume)) if run.master and o.report_to else []
     metrics = METRICS.open_log(run, total_steps, progress.step,
                                CHECKPOINT.open_metrics(cfg, progress.step, resume) if run.master else None,
-                               objective.names, trackers, o.dir)
+                               objective.names, trackers=trackers, out=o.dir)
 
     def save(name):  # collective: every rank calls it, rank 0 writes
         state = CHECKPOINT.training_state(run, optimizer, progress, raw_model if t.fsdp else None)
