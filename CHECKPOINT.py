@@ -35,7 +35,7 @@ RUN_FILE = re.compile(r"ckpt-step-\d+|ckpt-best|merged|final|metrics\.jsonl|trai
                       r"|(generation_|adapter_)?config\.json|(adapter_)?model(-\d+-of-\d+)?\.safetensors"
                       r"|model\.safetensors\.index\.json|tokenizer(_config)?\.json|tokenizer\.model"
                       r"|special_tokens_map\.json|added_tokens\.json|chat_template\.(jinja|json)|vocab\.(json|txt)"
-                      r"|merges\.txt|trackers\.json|tensorboard|wandb|mlflow\.db")  # the last four: TRACKERS.py
+                      r"|merges\.txt|trackers\.json|tensorboard|wandb|mlflow\.db|mlruns")  # the last five: TRACKERS.py
 
 
 @dataclasses.dataclass

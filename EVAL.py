@@ -119,6 +119,31 @@ def validate(scorer, seqs, indices, run, batch_size, pad_id):
     return (sums[0] / sums[1]).item()
 
 
+SAMPLES, SAMPLE_TOKENS = 3, 32  # each validation's samples for the trackers: a few, short
+
+
+def samples(model, tokenizer, seqs, indices, run):
+    """The beginnings of the first SAMPLES validation sequences `indices` of seqs, what the data says next and
+    the model's greedy continuation (SAMPLE_TOKENS each): [{"prompt", "data", "model"}], for the trackers. A
+    conversation's prompt is everything before its first scored (assistant) token; plain text's, its first half
+    (at most SAMPLE_TOKENS). Greedy, in eval mode: no random number is drawn, so training goes on exactly as
+    without it. One process alone: not for FSDP's sharded weights."""
+    rows = []
+    model.eval()
+    for ids, labels, positions in gather(seqs, indices[:SAMPLES]):
+        n = next((i for i in range(1, len(ids)) if positions[i] == 0), len(ids))  # its first document (packing)
+        first = next(i for i in range(n) if labels[i] != -100)
+        cut = first if first > 1 else max(1, min(n // 2, SAMPLE_TOKENS))
+        prompt = torch.as_tensor(ids[None, :cut], device=run.device)  # (1, cut)
+        with torch.no_grad(), run.autocast:
+            new = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=SAMPLE_TOKENS,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, cut:]
+        rows.append({"prompt": tokenizer.decode(ids[:cut]), "model": tokenizer.decode(new, skip_special_tokens=True),
+                     "data": tokenizer.decode(ids[cut:cut + SAMPLE_TOKENS], skip_special_tokens=True)})
+    model.train()
+    return rows
+
+
 def dumper(path, top_k):
     """A per-document callback writing token ids and log-probabilities (JSONL streams; .npy is kept in memory)."""
     if path.endswith(".npy"):

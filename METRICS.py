@@ -79,11 +79,11 @@ def tally(run_log, sums, tokens, prepare_seconds, train_seconds):
     run_log.bar.update(1)
 
 
-def write_row(run_log, row):
+def write_row(run_log, row, samples=()):
     if run_log.metrics:
         run_log.metrics.write(json.dumps(row) + "\n")
         run_log.metrics.flush()
-    TRACKERS.send(run_log.trackers, run_log.out, row)
+    TRACKERS.send(run_log.trackers, run_log.out, row, samples)
 
 
 def log_step(run_log, run, progress, lr, norm):
@@ -110,13 +110,14 @@ def log_step(run_log, run, progress, lr, norm):
             + f" lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s")
 
 
-def log_validation(run_log, step, val_loss, n_sequences, seconds):
-    """One validation row; `seconds` it took, added to the share of the run's wall time spent validating."""
+def log_validation(run_log, step, val_loss, n_sequences, seconds, samples=()):
+    """One validation row, and its samples for the trackers (EVAL.samples); `seconds` it took, added to the share
+    of the run's wall time spent validating."""
     run_log.val_seconds += seconds
     share = run_log.val_seconds / (time.perf_counter() - run_log.started)
     row = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)), "val_sequences": n_sequences,
            "val_share": share}
-    write_row(run_log, row)
+    write_row(run_log, row, samples)
     if run_log.metrics:
         run_log.bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity {row['val_ppl']:.2f} "
                           f"({n_sequences} sequences; validation is {share:.0%} of the wall time so far)", file=sys.stderr)

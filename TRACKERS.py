@@ -1,7 +1,8 @@
 """The trackers a training run reports to (--report-to tensorboard wandb trackio mlflow), each through its own
 library, imported only when named: each receives what OUT/metrics.jsonl receives, under the same names and at
-the same steps (each draws its own curves from them), the resolved config once at the start, and the picture of
-the loss curve (OUT/loss.png) at the end. Rank 0 only.
+the same steps (each draws its own curves from them), the resolved config once at the start, a few generated
+samples at each validation (EVAL.samples: a table, or text for TensorBoard) and the picture of the loss curve
+(OUT/loss.png) at the end. Rank 0 only.
 
 A resumed run continues each tracker's run: OUT/trackers.json keeps the run's name, each tracker's run id and the
 last step each received, and the steps a resumed run trains again (bit-exactly the same: docs/training.md) are
@@ -12,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pathlib
 import sys
 import time
 import uuid
@@ -63,8 +65,9 @@ def save_state(out, state):
     os.replace(os.path.join(out, STATE + ".tmp"), os.path.join(out, STATE))
 
 
-def send(trackers, out, row):
-    """One metrics.jsonl row to every tracker that has not received its step; a failing tracker is dropped."""
+def send(trackers, out, row, samples=()):
+    """One metrics.jsonl row (and the samples generated at its step) to every tracker that has not received its
+    step; a failing tracker is dropped."""
     step, values = row["step"], {k: v for k, v in row.items() if k != "step"}
     for t in list(trackers):
         if step <= t.sent_upto:
@@ -72,6 +75,8 @@ def send(trackers, out, row):
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 LOG[t.name](t.client, values, step)
+                if samples:
+                    TABLE[t.name](t.client, samples, step)
         except Exception as e:  # noqa: BLE001 - a tracker's failure must not end the training run
             log(f"warning: --report-to {t.name} failed ({type(e).__name__}: {first_line(e, 160)}); it gets no more of this run")
             trackers.remove(t)
@@ -116,6 +121,30 @@ def image_mlflow(run_id, path):
     mlflow.log_artifact(path)
 
 
+def table_tensorboard(writer, samples, step):
+    """One text per validation (Markdown: TensorBoard's TEXT tab renders it), each sample's parts as code."""
+    text = "\n\n".join(f"**{k}**\n\n```\n{v}\n```" for row in samples for k, v in row.items())
+    writer.add_text("samples", text, step)
+    writer.flush()
+
+
+def table_wandb(run, samples, step):
+    import wandb
+    run.log({"samples": wandb.Table(columns=list(samples[0]), data=[list(r.values()) for r in samples])}, step=step)
+
+
+def table_trackio(trackio, samples, step):
+    trackio.log({"samples": trackio.Table(columns=list(samples[0]), data=[list(r.values()) for r in samples])},
+                step=step)
+
+
+def table_mlflow(run_id, samples, step):
+    """All validations' samples in one table (samples.json, MLflow appends to it), each row with its step."""
+    import mlflow
+    mlflow.log_table({"step": [step] * len(samples), **{k: [r[k] for r in samples] for k in samples[0]}},
+                     "samples.json", run_id=run_id)
+
+
 def start_tensorboard(out, name, project, config, run_id):
     from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard
     writer = SummaryWriter(os.path.join(out, "tensorboard", name))
@@ -140,7 +169,11 @@ def start_trackio(out, name, project, config, run_id):
 
 def start_mlflow(out, name, project, config, run_id):
     import mlflow  # optional; MLFLOW_TRACKING_URI, else a SQLite store in OUT (MLflow 3 refuses its old file store)
+    in_out = not os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(out)}/mlflow.db")
+    if in_out and not mlflow.get_experiment_by_name(project):
+        # its files (the curve, the samples) in OUT too, not in ./mlruns wherever training was started
+        mlflow.create_experiment(project, artifact_location=pathlib.Path(out, "mlruns").absolute().as_uri())
     mlflow.set_experiment(project)
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else name)
     if run_id is None:
@@ -164,6 +197,7 @@ def end_mlflow():
     mlflow.end_run()
 
 
+TABLE = {"tensorboard": table_tensorboard, "wandb": table_wandb, "trackio": table_trackio, "mlflow": table_mlflow}
 IMAGE = {"tensorboard": image_tensorboard, "wandb": image_wandb, "trackio": image_trackio, "mlflow": image_mlflow}
 START = {"tensorboard": start_tensorboard, "wandb": start_wandb, "trackio": start_trackio, "mlflow": start_mlflow}
 LOG = {"tensorboard": log_tensorboard, "wandb": lambda run, values, step: run.log(values, step=step),

@@ -240,7 +240,9 @@ def train(cfg):
         if ran and objective.val and due(progress.step, t.eval_every, last):
             v0 = time.perf_counter()
             val_loss = EVAL.validate(eval_model, objective.val, val_idx, run, t.batch_size, pad)
-            METRICS.log_validation(metrics, progress.step, val_loss, len(val_idx), time.perf_counter() - v0)
+            shown = (EVAL.samples(raw_model, tokenizer, objective.val, val_idx, run)  # for the trackers
+                     if metrics.trackers and not t.fsdp else [])
+            METRICS.log_validation(metrics, progress.step, val_loss, len(val_idx), time.perf_counter() - v0, shown)
             if t.save_best and val_loss < progress.best_val:
                 progress.best_val = val_loss
                 save("ckpt-best")

@@ -6,6 +6,7 @@ import collections
 import glob
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -75,12 +76,55 @@ def mlflow_entries(out):
             for m in client.get_metric_history(run_id, key)]
 
 
+def tensorboard_samples(out):
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    texts = [(e.step, v.tensor.string_val[0].decode()) for f in sorted(glob.glob(f"{out}/tensorboard/*/events.*"))
+             for e in LegacyEventFileLoader(f).Load() for v in e.summary.value if v.tag == "samples/text_summary"]
+    parts = [(step, re.findall(r"\*\*(\w+)\*\*\n\n```\n(.*?)\n```", text, re.S)) for step, text in texts]
+    return [(step, [dict(p[i:i + 3]) for i in range(0, len(p), 3)]) for step, p in parts]
+
+
+def wandb_samples(out):
+    files = glob.glob(f"{out}/wandb/offline-run-*/files/media/table/samples_*.table.json")
+    tables = sorted((int(f.split("samples_")[1].split("_")[0]), json.load(open(f))) for f in files)
+    return [(step, [dict(zip(t["columns"], row)) for row in t["data"]]) for step, t in tables]
+
+
+def trackio_samples(out):
+    return [(step, value["_value"]) for step, name, value in trackio_entries(out) if name == "samples"]
+
+
+def mlflow_samples(out):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    run_id = json.load(open(os.path.join(out, "trackers.json")))["mlflow"]["id"]
+    t = json.load(open(client.download_artifacts(run_id, "samples.json", str(out.parent))))  # MLflow's table format
+    table = [dict(zip(t["columns"], row)) for row in t["data"]]
+    steps = sorted({row["step"] for row in table})
+    return [(step, [{k: row[k] for k in ("prompt", "model", "data")} for row in table if row["step"] == step])
+            for step in steps]
+
+
+def greedy(out, prompts, n=32):
+    """What the saved model continues each prompt with, greedy, through transformers' own generate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+    answers = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        new = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        answers.append(tok.decode(new, skip_special_tokens=True))
+    return answers
+
+
+SAMPLES = {"tensorboard": tensorboard_samples, "wandb": wandb_samples, "trackio": trackio_samples,
+           "mlflow": mlflow_samples}
 READ = {"tensorboard": tensorboard_entries, "wandb": wandb_entries, "trackio": trackio_entries,
         "mlflow": mlflow_entries}
 
 
 def assert_same(got, want, names=None):
-    keep = (lambda name: name in names) if names else (lambda name: not name.startswith("loss_curve"))
+    keep = (lambda name: name in names) if names else (lambda name: name.split("/")[0] not in ("loss_curve", "samples"))
     got = [(s, k, v) for s, k, v in got if keep(k)]
     twice = [key for key, n in collections.Counter((s, k) for s, k, _ in got).items() if n > 1]
     assert not twice, f"sent twice: {twice[:5]}"
@@ -97,14 +141,26 @@ def test_a_tracker_holds_what_metrics_jsonl_holds_and_a_resume_continues_it(trac
     out, env = tmp_path / "out", {"WANDB_MODE": "offline", "TRACKIO_DIR": str(tmp_path / "trackio")}
     train(out, *RUN, "--report-to", tracker, env=env)
     assert_same(READ[tracker](out), metrics(out))
-    if tracker == "mlflow":  # the loss curve's picture, where the reader can list what the run holds
+    # at each validation, a few validation texts' beginnings and the model's greedy continuations: at the last one,
+    # those the saved model gives
+    val_steps = [step for step, name, _ in metrics(out) if name == "val_loss"]
+    samples = SAMPLES[tracker](out)
+    assert [step for step, _ in samples] == val_steps and all(len(rows) == 3 for _, rows in samples)
+    held_out = open(os.path.join(ROOT, "tests/data/train.txt")).read() + open(os.path.join(ROOT, "tests/data/train.jsonl")).read()
+    assert all(r["prompt"] + r["data"] in held_out for _, rows in samples for r in rows)
+    last = samples[-1][1]
+    assert [r["model"] for r in last] == greedy(out, [r["prompt"] for r in last])
+    if tracker == "mlflow":  # the loss curve's picture and the samples, in OUT, where the reader lists them
         from mlflow.tracking import MlflowClient
         run_id = json.load(open(out / "trackers.json"))["mlflow"]["id"]
-        assert [a.path for a in MlflowClient(f"sqlite:///{out}/mlflow.db").list_artifacts(run_id)] == ["loss.png"]
+        client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+        assert client.get_run(run_id).info.artifact_uri.startswith((out / "mlruns").as_uri())
+        assert [a.path for a in client.list_artifacts(run_id)] == ["loss.png", "samples.json"]
     # steps 5-6 again from the step-4 checkpoint: the same values (resume is exact), into the same tracker run
     r = train(out, *RUN, "--report-to", tracker, "--resume", out / "ckpt-step-4", env=env)
     assert "resumed from" in r.stderr
     assert_same(READ[tracker](out), metrics(out), SAME_AGAIN)
+    assert [step for step, _ in SAMPLES[tracker](out)] == val_steps
 
 
 def test_the_config_reaches_each_tracker_once(tmp_path):
