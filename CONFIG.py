@@ -80,8 +80,7 @@ class LoraCfg:
     bias: Literal["none", "all", "lora_only"] = opt("none", "which biases to train", flag="--lora-bias")
     qlora: bool = opt(False, "load the base in 4-bit NF4 (bitsandbytes, CUDA only) and train LoRA on it (implies "
                              "--lora)", flag="--qlora")
-    merge: bool = opt(False, "after training also write OUT/merged: base + adapter as one plain model",
-                      flag="--merge")
+    merge: bool = opt(False, "after training also write OUT/merged: base + adapter as one plain model", flag="--merge")
 
 
 @dataclass(frozen=True)
@@ -107,8 +106,7 @@ class TrainingCfg:
     resume: Optional[str] = opt(None, "'auto' (newest complete checkpoint in the output dir) or a checkpoint path",
                                 const="auto")
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row", min=1)
-    eval_every: int = opt(0, "compute validation loss every N steps (0 = only at the end, when there is val data)",
-                          min=0)
+    eval_every: int = opt(0, "validation loss every N steps (0 = only at the end, when there is val data)", min=0)
     eval_batches: int = opt(20, "validation scores this many batches: the same evenly spread subset of the "
                                 "validation sequences each time (0 = all of them)", min=0)
     save_best: bool = opt(False, "keep the checkpoint with the lowest validation loss in OUT/ckpt-best")
@@ -116,6 +114,8 @@ class TrainingCfg:
                                "training; each score goes to metrics.jsonl and the trackers as tasks/TASK/METRIC")
     eval_tasks_every: int = opt(0, "score --eval-tasks every N steps (0 = only at the end)", min=0)
     eval_tasks_path: Optional[str] = opt(None, "--eval-tasks: a folder of task YAML files of your own")
+    eval_tasks_limit: Optional[float] = opt(None, "--eval-tasks: at most N documents of each task (below 1: a share)",
+                                            above=0)
     fsdp: bool = opt(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard)")
     compile: bool = opt(False, "torch.compile the model (falls back to eager, with a warning, where it cannot)")
     chunked_loss: bool = opt(True, "compute the loss chunk by chunk, never the full logits (LOSS.py; the "

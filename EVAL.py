@@ -181,7 +181,7 @@ def score_tasks(model, tokenizer, t, run):
         training = model.training  # lm-eval's HFLM puts the model in eval mode; the loop's mode comes back after
         tasks = [name for item in t.eval_tasks for name in item.split(",") if name]
         found = BENCHMARKS.scores(BENCHMARKS.evaluate(model, tokenizer, tasks, include_path=t.eval_tasks_path,
-                                                      batch_size=t.batch_size))
+                                                      limit=t.eval_tasks_limit, batch_size=t.batch_size))
         model.train(training)
     if run.world > 1:
         dist.barrier()

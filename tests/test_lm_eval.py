@@ -138,16 +138,27 @@ def test_eval_py_names_a_task_that_does_not_exist(model, tasks):
                                                                               "lm-eval task")
 
 
+def test_a_hub_task_without_the_network_is_one_line_saying_so(model):
+    """arc_easy's data is on the Hub; offline (as HF_HUB_OFFLINE says, without waiting for timeouts) and not in
+    the cache: one line naming the task and what it needs, no traceback."""
+    r = run("EVAL.py", "--model", model, "--tasks", "arc_easy", "--limit", "2",
+            env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(model.parent / "empty-hf-home")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: --tasks arc_easy: the task's data could not be read") and "needs the network" in error
+
+
 def test_task_scores_are_logged_during_training(tasks, tmp_path):
     """--eval-tasks: the evaluator runs on the weights of steps 2 and 4 (a rolling log-likelihood task: a score
-    that moves as the model trains); the last score is what EVAL.py --tasks gives the saved model."""
+    that moves as the model trains), on the first 3 of its 6 documents; the last score is what EVAL.py --tasks
+    --limit 3 gives the saved model."""
     out = tmp_path / "out"
     train(out, "--max-steps", "4", "--save-every", "0", "--eval-tasks", "mini_text", "--eval-tasks-path", tasks,
-          "--eval-tasks-every", "2", env={"HF_DATASETS_OFFLINE": "1"})
+          "--eval-tasks-every", "2", "--eval-tasks-limit", "3", env={"HF_DATASETS_OFFLINE": "1"})
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "tasks/mini_text/bits_per_byte" in line]
     assert [r["step"] for r in rows] == [2, 4] and all(r["tasks_s"] > 0 for r in rows)
     assert rows[1]["tasks/mini_text/bits_per_byte"] < rows[0]["tasks/mini_text/bits_per_byte"]  # it trained
-    r = run("EVAL.py", "--model", out, "--tasks", "mini_text", "--include-path", tasks)
+    r = run("EVAL.py", "--model", out, "--tasks", "mini_text", "--include-path", tasks, "--limit", "3")
     assert r.returncode == 0, r.stderr[-2000:]
     scored = json.load(open(out / "lm_eval_results.json"))["results"]["mini_text"]["bits_per_byte,none"]
     assert rows[1]["tasks/mini_text/bits_per_byte"] == pytest.approx(scored, rel=1e-6)
