@@ -25,6 +25,32 @@ class RequestError(Exception):
         self.status, self.param, self.code, self.headers = status, param, code, headers
 
 
+def no_lone_surrogates(body):
+    """Refuse a string holding a lone UTF-16 surrogate ("\\ud800" is valid JSON but no text: nothing can encode
+    it), wherever it is in the body, naming where. Iterative: a deeply nested body costs no recursion."""
+    pending = [(body, "")]
+    while pending:
+        value, path = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(400, f"'{path}' holds a lone UTF-16 surrogate (such as \\ud800), which is not "
+                                        "text - send valid Unicode", path.split(".")[0].split("[")[0])
+        elif isinstance(value, dict):
+            pending += [(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()]
+        elif isinstance(value, list):
+            pending += [(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+
+def flag(body, key):
+    """A true/false parameter: JSON's true or false (or absent), never a string or a number taken as one."""
+    value = body.get(key, False)
+    if value is not None and not isinstance(value, bool):
+        raise RequestError(400, f"'{key}' must be true or false, not {json.dumps(value)}", key)
+    return bool(value)
+
+
 def number(body, key, default, low, high, kind=(int, float)):
     value = body.get(key, default)
     if value is None:
@@ -63,16 +89,14 @@ def options(body, tokenizer, context, longest_prompt, chat):
 def wanted_logprobs(body, chat):
     """How many alternatives per token the request wants, or None for no log-probabilities."""
     if chat:
-        if not isinstance(body.get("logprobs", False), bool):
-            raise RequestError(400, "'logprobs' must be true or false", "logprobs")
-        if body.get("top_logprobs") is not None and not body.get("logprobs"):
+        wanted = flag(body, "logprobs")
+        if body.get("top_logprobs") is not None and not wanted:
             raise RequestError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        top = number(body, "top_logprobs", 0, 0, 20, int) if body.get("logprobs") else None
+        top = number(body, "top_logprobs", 0, 0, 20, int) if wanted else None
     else:
         top = number(body, "logprobs", None, 0, 20, int)
-        if not isinstance(body.get("echo", False), bool):
-            raise RequestError(400, "'echo' must be true or false", "echo")
-    if top is not None and body.get("stream"):
+        flag(body, "echo")
+    if top is not None and flag(body, "stream"):
         raise RequestError(400, "log-probabilities are not streamed - drop 'stream' or 'logprobs'", "logprobs")
     return top
 

@@ -1,5 +1,6 @@
 """An OpenAI-compatible HTTP API for a model, on FastAPI + uvicorn: `python INFER.py --model out --serve`.
 
+    GET  /                       a chat page for people (chat.html): it uses the API below, as any client does
     GET  /health                 {"status": "ok"}
     GET  /v1/models              the loaded model
     POST /v1/chat/completions    messages, max_tokens, temperature, top_p, stop, seed, stream, logprobs, top_logprobs
@@ -13,21 +14,25 @@ with a 400 that names it, never ignored. Errors are OpenAI-shaped JSON: {"error"
 "code"}}; a full queue is a 503 with Retry-After.
 """
 import asyncio
+import base64
 import dataclasses
+import hashlib
 import json
 import os
 import queue
+import re
 import threading
 import types
 
 import uvicorn  # fastapi and uvicorn: optional, checked by INFER.py --serve before it imports this file
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from jinja2 import TemplateError  # transformers' chat templates are Jinja
 
 import GENERATE
 import SCHEDULER
-from PROTOCOL import (RequestError, choice, finish_reason, messages_of, options, prompts_of, shapes, unsupported,
-                      wanted_logprobs)
+from PROTOCOL import (RequestError, choice, finish_reason, flag, messages_of, no_lone_surrogates, options, prompts_of,
+                      shapes, unsupported, wanted_logprobs)
 from REPORT import UserError, log
 
 
@@ -39,6 +44,20 @@ class Served:
     name: str
     context: int
     waiting: SCHEDULER.Waiting
+
+
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
+
+
+def page_headers(html):
+    """The chat page's headers: a Content-Security-Policy that runs only the page's own script and style (by
+    their hashes: no inline handler, no injected script) and reaches only this server."""
+    def digest(tag):
+        inline = re.search(f"<{tag}>(.*?)</{tag}>", html, re.S).group(1)
+        return "'sha256-" + base64.b64encode(hashlib.sha256(inline.encode()).digest()).decode() + "'"
+    return {"Content-Security-Policy": f"default-src 'none'; script-src {digest('script')}; style-src "
+            f"{digest('style')}; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 def error(status, message, param=None, code=None, headers=None):
@@ -100,12 +119,16 @@ async def respond(srv, jobs, texts, chat, stream):
 
 
 async def json_of(request):
+    """The body: a JSON object whose strings are all text (PROTOCOL.no_lone_surrogates)."""
     try:
         body = await request.json()
     except ValueError:
         raise RequestError(400, "the request body must be JSON")
+    except RecursionError:  # deeper than Python's JSON parser goes
+        raise RequestError(400, "the request body is nested too deeply")
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
+    no_lone_surrogates(body)
     return body
 
 
@@ -121,11 +144,13 @@ async def body_of(request, name, kind):
 
 def make_app(srv, api_key):
     """The FastAPI application: routes, the API key check and the error handlers."""
-    app = FastAPI()
+    app, html = FastAPI(), open(PAGE, encoding="utf-8").read()
+    headers = page_headers(html)
 
     @app.middleware("http")
-    async def key(request: Request, call_next):
-        if api_key and request.url.path != "/health" and request.headers.get("authorization") != f"Bearer {api_key}":
+    async def key(request: Request, call_next):  # the page holds nothing secret: it asks for the key itself
+        if api_key and request.url.path not in ("/", "/health") and \
+                request.headers.get("authorization") != f"Bearer {api_key}":
             return error(401, "a valid API key is required: send 'Authorization: Bearer KEY'", code="invalid_api_key")
         return await call_next(request)
 
@@ -142,6 +167,10 @@ def make_app(srv, api_key):
         log(f"error: {request.url.path}: {type(e).__name__}: {e}")
         return error(500, f"{type(e).__name__}: {e}")
 
+    @app.get("/")
+    def page():
+        return HTMLResponse(html, headers=headers)
+
     @app.get("/health")
     def health():
         return {"status": "ok"}
@@ -153,20 +182,23 @@ def make_app(srv, api_key):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await body_of(request, srv.name, "chat")
-        ids, top = GENERATE.chat_ids(srv.tokenizer, messages_of(body)), wanted_logprobs(body, chat=True)
+        try:
+            ids = GENERATE.chat_ids(srv.tokenizer, messages_of(body))
+        except TemplateError as e:  # the template's own rule, e.g. roles that must alternate
+            raise RequestError(400, f"the model's chat template refuses these messages: {e}", "messages")
+        top = wanted_logprobs(body, chat=True)
         opts, seed = options(body, srv.tokenizer, srv.context, len(ids), chat=True)
-        return await respond(srv, [SCHEDULER.Job(GENERATE.Row(ids, opts), seed, top)], [""], True, bool(body.get("stream")))
+        return await respond(srv, [SCHEDULER.Job(GENERATE.Row(ids, opts), seed, top)], [""], True, flag(body, "stream"))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await body_of(request, srv.name, "completion")
         prompts, top = prompts_of(body, srv.tokenizer), wanted_logprobs(body, chat=False)
-        if len(prompts) > 1 and body.get("stream"):
+        if len(prompts) > 1 and flag(body, "stream"):
             raise RequestError(400, "'stream' takes a single prompt", "stream")
         opts, seed = options(body, srv.tokenizer, srv.context, max(len(ids) for _, ids in prompts), chat=False)
-        echo = bool(body.get("echo"))
-        jobs = [SCHEDULER.Job(GENERATE.Row(ids, opts), seed, top, echo) for _, ids in prompts]
-        return await respond(srv, jobs, [text for text, _ in prompts], False, bool(body.get("stream")))
+        jobs = [SCHEDULER.Job(GENERATE.Row(ids, opts), seed, top, flag(body, "echo")) for _, ids in prompts]
+        return await respond(srv, jobs, [text for text, _ in prompts], False, flag(body, "stream"))
 
     @app.get("/tokenizer_info")
     def tokenizer_info():
@@ -179,13 +211,14 @@ def make_app(srv, api_key):
         body = await json_of(request)
         if not isinstance(body.get("prompt"), str):
             raise RequestError(400, "'prompt' must be a string", "prompt")
-        ids = srv.tokenizer(body["prompt"], add_special_tokens=bool(body.get("add_special_tokens", True)))["input_ids"]
+        special = flag(body, "add_special_tokens") if "add_special_tokens" in body else True
+        ids = srv.tokenizer(body["prompt"], add_special_tokens=special)["input_ids"]
         return {"tokens": ids, "count": len(ids), "max_model_len": srv.context}
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
         tokens = (await json_of(request)).get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < len(srv.tokenizer) for t in tokens):
+        if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < len(srv.tokenizer) for t in tokens):
             raise RequestError(400, "'tokens' must be a list of token ids", "tokens")
         return {"prompt": srv.tokenizer.decode(tokens)}
     return app
@@ -201,6 +234,7 @@ def serve(cfg):
     srv = Served(model, tokenizer, name, GENERATE.context_of(model),
                  SCHEDULER.Waiting(g.batch_size, g.max_waiting, GENERATE.context_of(model)))
     threading.Thread(target=SCHEDULER.work, args=(srv,), daemon=True, name="generate").start()
-    log(f"serving {name} at http://{g.host}:{g.port}/v1 ({'API key required' if api_key else 'no API key'}; "
+    log(f"serving {name} at http://{g.host}:{g.port}/v1, a chat page at http://{g.host}:{g.port}/ "
+        f"({'API key required' if api_key else 'no API key'}; "
         f"up to {g.batch_size} requests generate together, {g.max_waiting} may wait); Ctrl-C to stop")
     uvicorn.run(make_app(srv, api_key), host=g.host, port=g.port, log_level="warning")
