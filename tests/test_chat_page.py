@@ -172,7 +172,7 @@ def test_code_keeps_its_spacing_and_shift_enter_is_a_new_line(server, page):
     line = (Keys.SHIFT, Keys.ENTER, Keys.SHIFT)  # Shift+Enter: a new line in the message, not sent
     ask(page, "Look:", *line, "```python", *line, "def f():", *line, "    return  1", *line, "```")
     code = page.find_element(By.CSS_SELECTOR, ".msg.user pre code")
-    assert code.get_attribute("textContent") == "def f():\n    return  1\n"
+    assert code.get_attribute("textContent") == "def f():\n    return  1"
     style = page.execute_script("const s = getComputedStyle(arguments[0]); return [s.whiteSpace, s.fontFamily]",
                                 code.find_element(By.XPATH, ".."))
     assert style[0] == "pre-wrap" and "monospace" in style[1]

@@ -142,6 +142,38 @@ def post(server, path, body):
         return e.code, json.load(e), {k.lower(): v for k, v in e.headers.items()}
 
 
+def post_raw(server, path, data):
+    request = urllib.request.Request(server[1] + path, data=data,
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+@pytest.mark.parametrize("path, body, words", [
+    ("/v1/completions", {"prompt": "\ud800", "max_tokens": 2}, "'prompt' holds a lone UTF-16 surrogate"),
+    ("/v1/completions", {"prompt": ["ok", "\udfff"], "max_tokens": 2}, "'prompt[1]' holds a lone"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "'messages[0].content' holds"),
+    ("/v1/completions", {"prompt": "x", "stop": ["\ud800"], "max_tokens": 2}, "'stop[0]' holds a lone"),
+    ("/tokenize", {"prompt": "\ud800"}, "'prompt' holds a lone"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes", "max_tokens": 2}, "'stream' must be true or false, not \"yes\""),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": 1}, "'stream' must be true or"),
+    ("/v1/completions", {"prompt": "x", "echo": "true", "max_tokens": 2}, "'echo' must be true or false"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": "yes"}, "'logprobs' must be"),
+    ("/tokenize", {"prompt": "x", "add_special_tokens": "no"}, "'add_special_tokens' must be true or false"),
+    ("/detokenize", {"tokens": [True]}, "'tokens' must be a list of token ids"),
+    ("/v1/completions", "[" * 100000 + "]" * 100000, "nested too deeply"),
+    ("/v1/completions", "", "must be JSON"),
+])
+def test_no_request_body_gets_a_5xx_nor_a_silent_reading(server, path, body, words):
+    """Bodies that are valid JSON but no valid request: lone surrogates (no text can hold one), a string or a
+    number where true/false belongs, nesting deeper than Python's parser: a 400 naming what is wrong."""
+    status, answer = post_raw(server, path, (body if isinstance(body, str) else json.dumps(body)).encode())
+    assert status == 400 and words in answer["error"]["message"], answer
+
+
 def test_echoed_prompt_logprobs_are_eval_pys(server, tmp_path):
     """lm-evaluation-harness's loglikelihood request: token-id prompts, echo, logprobs, one new token."""
     from transformers import AutoTokenizer
