@@ -21,8 +21,8 @@ class ModelCfg:
                              "a --model on the command line without --from-scratch loads pretrained weights")
     config_overrides: dict = opt({}, "architecture settings for from_scratch, e.g. '{n_layer: 4, n_embd: 256}'")
     device: Literal["auto", "cuda", "mps", "cpu"] = opt("auto", "auto picks cuda, then mps, then cpu")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
-        "auto", "autocast precision; auto = bfloat16 on CUDA/CPUs with native bf16, float16 on older CUDA, else float32")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = opt(
+        "auto", "auto: bf16 on CUDA/CPUs with native bf16, fp16 on older CUDA, else fp32; int8: QUANT.py's weights")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
         "sdpa", "attention kernel (flash_attention_2 needs CUDA and the flash-attn package)")
     dropout: Optional[float] = opt(None, "every dropout rate of a from-scratch model's config (config_overrides "

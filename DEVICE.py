@@ -55,6 +55,15 @@ def pick_dtype(name, device, purpose):
     CPU without native bf16 gets a warning; fp16 training on a CPU is refused."""
     if name == "auto":
         return auto_dtype(device.type, purpose, native_bf16(device))
+    if name == "int8":  # weights int8, activations bf16 (QUANT.py): for generating and scoring only
+        if purpose in ("train", "export"):
+            raise UserError("--dtype int8 is for INFER.py and EVAL.py - train in bfloat16 or float32; EXPORT.py "
+                            "writes int8 weights with --quant (gguf q8_0, onnx int8)")
+        if not native_bf16(device):
+            raise UserError(f"--dtype int8 multiplies int8 weights with bf16 activations, which this {device.type} "
+                            "does not compute natively (no AVX512-BF16/AMX) - use --dtype float32, or EXPORT.py "
+                            "--format gguf --quant q8_0 for llama.cpp")
+        return torch.bfloat16
     if name == "float16" and device.type == "cpu" and purpose == "train":
         raise UserError("--dtype float16 is not supported for training on CPU - use bfloat16 or float32")
     if name == "bfloat16" and device.type == "cpu" and not cpu_has_native_bf16():

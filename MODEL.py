@@ -17,6 +17,7 @@ from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActiva
 
 import DEVICE
 import LORA
+import QUANT
 from REPORT import UserError, first_line, need, suggest
 
 
@@ -31,6 +32,8 @@ def load_for_use(mcfg, purpose):
                             attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code)
     if purpose != "export":  # an exported graph keeps the model's own modules
         fuse_activations(model)
+    if mcfg.dtype == "int8":  # a LoRA adapter first merged into its base: the int8 weights hold both
+        model = QUANT.to_int8(model.merge_and_unload() if hasattr(model, "merge_and_unload") else model, torch.bfloat16)
     return model.to(device).eval()
 
 

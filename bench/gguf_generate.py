@@ -41,7 +41,8 @@ def main():
     for quant in ("f32", "f16", "q8_0"):
         path = os.path.join(tmp, f"m-{quant}.gguf")
         subprocess.run([sys.executable, os.path.join(ROOT, "EXPORT.py"), "--model", a.model, "--format", "gguf",
-                        "--quant", quant, "--out", path, "--min-agreement", "0"], check=True, capture_output=True)
+                        "--quant", quant, "--out", path, *([] if quant == "f32" else ["--min-agreement", "0"])],
+                       check=True, capture_output=True)
         llms[quant] = llama_cpp.Llama(model_path=path, n_ctx=len(ids) + n + 8, verbose=False,
                                       n_threads=os.cpu_count())
 

@@ -287,6 +287,55 @@ def check_infer(ctx):
             "ok": ours == theirs}, None
 
 
+def check_decode(ctx):
+    """9. Decoding speed of a SmolLM2-135M-shaped llama (random weights): tokens/s of one stream and of 8,
+    transformers' eager generate against a static KV cache + torch.compile (the compile's seconds apart), and
+    --dtype int8 (QUANT.py); the compiled greedy tokens against the eager ones."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.generation.configuration_utils import CompileConfig
+    import QUANT
+    shape = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, vocab_size=49152) if ctx.cuda else \
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=512)
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", **shape, max_position_embeddings=2048, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg).to(ctx.device, getattr(torch, ctx.dtype)).eval()
+    n, sync = (128 if ctx.cuda else 16), torch.cuda.synchronize if ctx.cuda else (lambda: None)
+    compiled = CompileConfig(fullgraph=True, mode="reduce-overhead" if ctx.cuda else "default")
+    compiled._compile_all_devices = True  # transformers compiles on its own only on accelerators
+    ways = {"eager": {}, "static_compiled": {"cache_implementation": "static", "compile_config": compiled}}
+
+    prompts = torch.randint(0, shape["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(0))
+
+    def speed(model, batch, extra):
+        ids = prompts[:batch].to(ctx.device)
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0, **extra)
+        sync()
+        return batch * n / (time.perf_counter() - t), out[0, 16:].tolist()
+    result = {}
+    for way, extra in ways.items():
+        t = time.perf_counter()
+        speed(model, 1, extra)  # the first call compiles (static_compiled) or warms up
+        result[f"{way}_first_call_s"] = round(time.perf_counter() - t, 1)
+        result[f"{way}_tok_s"], tokens = speed(model, 1, extra)
+        speed(model, 8, extra)  # batch 8: a shape of its own, compiled again
+        result[f"{way}_x8_tok_s"] = speed(model, 8, extra)[0]
+        result[f"{way}_tokens"] = tokens
+    same = sum(a == b for a, b in zip(result.pop("eager_tokens"), result.pop("static_compiled_tokens")))
+    try:  # int8 weights: bf16 activations on a device with native bf16
+        result["int8_tok_s"] = speed(QUANT.to_int8(model.to(torch.bfloat16), torch.bfloat16), 1, {})[0]
+    except Exception as e:  # noqa: BLE001 - a device without the kernel: said, not fatal
+        result["int8"] = f"{type(e).__name__}: {str(e)[:200]}"
+    result = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}
+    return {**result, "greedy_equal_compiled": f"{same}/{n}", "ok": same == n or ctx.dtype != "float32"}, None
+
+
 def check_ddp(ctx):
     """8. DDP with NCCL over every visible GPU (gloo over 2 CPU processes with --quick): weights equal to one
     process with the same global batch, to the tolerance reached."""
@@ -307,7 +356,8 @@ def check_ddp(ctx):
 
 
 CHECKS = {"train": check_train, "trainer": check_trainer, "fp16": check_fp16, "resume": check_resume,
-          "attention": check_attention, "lora": check_lora, "infer": check_infer, "ddp": check_ddp}
+          "attention": check_attention, "lora": check_lora, "infer": check_infer, "decode": check_decode,
+          "ddp": check_ddp}
 
 
 def main():

@@ -66,10 +66,11 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-sizes", default="1,4")
     ap.add_argument("--work", default="/tmp/llm-mini-lora-bench")
+    ap.add_argument("--model", help="a model directory instead of SmolLM2-135M-Instruct")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     t = time.time()
-    model = hf_dir(args.work)
+    model = args.model or hf_dir(args.work)
     from transformers import AutoConfig
     cfg = AutoConfig.from_pretrained(model)
     from safetensors import safe_open

@@ -174,6 +174,18 @@ def test_no_request_body_gets_a_5xx_nor_a_silent_reading(server, path, body, wor
     assert status == 400 and words in answer["error"]["message"], answer
 
 
+def test_greedy_answers_generated_together_equal_those_generated_alone(server):
+    """Prompts of different lengths sent at once (one batched generate, left-padded) get the answers each gets
+    alone, token for token."""
+    from concurrent.futures import ThreadPoolExecutor
+    asks = [{"prompt": p, "max_tokens": 16, "temperature": 0} for p in
+            ("Once", "Once upon a time there was", "The fox liked to watch the river shine in the", "A")]
+    alone = [post(server, "/v1/completions", ask)[1]["choices"][0]["text"] for ask in asks]
+    with ThreadPoolExecutor(len(asks)) as pool:
+        together = list(pool.map(lambda ask: post(server, "/v1/completions", ask), asks))
+    assert [r[1]["choices"][0]["text"] for r in together] == alone and len(set(alone)) > 1
+
+
 def test_echoed_prompt_logprobs_are_eval_pys(server, tmp_path):
     """lm-evaluation-harness's loglikelihood request: token-id prompts, echo, logprobs, one new token."""
     from transformers import AutoTokenizer
