@@ -11,7 +11,8 @@ Rows, each greedy from the same prompt, EOS masked so that every runtime generat
   llama.cpp f32 / f16 / q8_0: llama-cpp-python on EXPORT.py's GGUF files (where it is installed), the
       precision that matches INFER.py's f32 / bf16 / int8.
 Columns: tokens/s of one stream (median of --repeats, interleaved), of --batch streams at once (INFER.py and
-transformers), time to the first token (a 1-token generation), how many tokens equal transformers f32's, the
+transformers), time to the first token (a 1-token generation), how many tokens equal transformers f32's (after
+the first difference the texts part), INFER.py's next-token agreement with that text (teacher-forced), the
 bytes of weights read per token, and the fraction of the floor: (bytes per token x tokens/s) / the machine's
 read bandwidth, measured here as torch.sum over a 1 GiB fp32 tensor (best of 5, all threads).
 """
@@ -61,6 +62,14 @@ def infer_run(model, tok, ids, n, batch):
     opts = GENERATE.Options(n, GENERATE.sampling_of(True, 0, 0, 1), [], no_eos)
     answers = GENERATE.generate(model, tok, [GENERATE.Row(ids, opts) for _ in range(batch)])
     return answers[0].new_ids
+
+
+def next_token_agreement(model, ids, reference):
+    """The share of the reference continuation's tokens the model predicts itself, each from the reference text
+    before it (teacher-forced, one forward pass): the check EXPORT.py makes of a quantised export."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids + reference[:-1]])).logits[0, len(ids) - 1:]  # (len(reference), vocab)
+    return float((logits.argmax(-1) == torch.tensor(reference)).float().mean())
 
 
 def bare_run(model, tok, ids, n, batch):
@@ -163,15 +172,16 @@ def main():
     bandwidth = read_bandwidth()
     print(f"{a.model}: prompt {len(ids)} tokens, {n} new tokens, greedy, median of {a.repeats}, {os.cpu_count()} "
           f"threads, torch {torch.__version__}; read bandwidth {bandwidth / 1e9:.1f} GB/s (torch.sum, 1 GiB)")
-    print(f"{'runtime':<20}{'tok/s':>8}{f'x{a.batch} tok/s':>13}{'first ms':>10}{'same tokens':>13}{'MB/token':>10}"
-          f"{'of floor':>10}")
     ref = tokens["transformers f32"]
+    agree = {f"INFER.py {SHORT[d]}": f"{next_token_agreement(models[d], ids, ref):.1%}" for d in dtypes}
+    print(f"{'runtime':<20}{'tok/s':>8}{f'x{a.batch} tok/s':>13}{'first ms':>10}{'same tokens':>13}{'next token':>12}"
+          f"{'MB/token':>10}{'of floor':>10}")
     for name, (_, size) in rows.items():
         speed = n / med(single[name])
         many = f"{a.batch * n / med(batch[name]):.0f}" if name in batch else "-"
         same = sum(x == y for x, y in zip(tokens[name], ref))
         print(f"{name:<20}{speed:>8.1f}{many:>13}{med(first[name]) * 1e3:>10.0f}{f'{same}/{n}':>13}"
-              f"{size / 1e6:>10.0f}{size * speed / bandwidth:>10.0%}")
+              f"{agree.get(name, '-'):>12}{size / 1e6:>10.0f}{size * speed / bandwidth:>10.0%}")
 
 
 SHORT = {"float32": "f32", "bfloat16": "bf16", "int8": "int8"}
