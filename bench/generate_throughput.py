@@ -17,6 +17,7 @@ bytes of weights read per token, and the fraction of the floor: (bytes per token
 read bandwidth, measured here as torch.sum over a 1 GiB fp32 tensor (best of 5, all threads).
 """
 import argparse
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -82,7 +83,7 @@ def bare_run(model, tok, ids, n, batch):
 def exports(model_dir, tmp, skip):
     """{name: (runner(ids, n) -> tokens, bytes per token)} for onnxruntime and llama.cpp, where installed."""
     runners = {}
-    if "onnx" not in skip and importlib_ok("onnxruntime"):
+    if "onnx" not in skip and importlib.util.find_spec("onnxruntime"):
         import ONNX_RUN
         for quant in ("f32", "int8"):
             folder = os.path.join(tmp, f"onnx-{quant}")
@@ -92,7 +93,7 @@ def exports(model_dir, tmp, skip):
             size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if "onnx" in f)
             runners[f"onnxruntime {quant}"] = (lambda ids, n, s=session: list(ONNX_RUN.generate(
                 s, ids, n, set(), no_eos_argmax)), size)
-    if "gguf" not in skip and importlib_ok("llama_cpp"):
+    if "gguf" not in skip and importlib.util.find_spec("llama_cpp"):
         import llama_cpp
         for quant in ("f32", "f16", "q8_0"):
             path = os.path.join(tmp, f"m-{quant}.gguf")
@@ -107,11 +108,6 @@ def no_eos_argmax(logits):  # (vocab,) numpy: the most likely token that is not 
     logits = logits.copy()
     logits[EOS[0]] = -float("inf")
     return int(logits.argmax())
-
-
-def importlib_ok(name):
-    import importlib.util
-    return importlib.util.find_spec(name) is not None
 
 
 def export(model_dir, args):

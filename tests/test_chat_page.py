@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from conftest import TINY, run, serving, train
+from conftest import run, serving, train
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 pytest.importorskip("fastapi")

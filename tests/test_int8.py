@@ -2,6 +2,7 @@
 own kernel; accepted by INFER.py, EVAL.py and the server where the CPU has native bf16, refused in one line where
 it cannot run."""
 import json
+import urllib.request
 
 import pytest
 import torch
@@ -47,7 +48,6 @@ def test_infer_eval_and_the_server_accept_int8(trained, tmp_path):
         assert r.returncode == 0, r.stderr
         ppl[dtype] = float(dict(line.split() for line in r.stdout.splitlines())["perplexity"])
     assert ppl["int8"] != ppl["float32"] and abs(ppl["int8"] / ppl["float32"] - 1) < 0.02  # close, not the same
-    import urllib.request
     with serving(trained, "--dtype", "int8") as url:
         body = json.dumps({"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}).encode()
         answer = json.load(urllib.request.urlopen(urllib.request.Request(
