@@ -8,6 +8,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+import DECODE
 from CHAT import end_of_turn
 from MODEL import context_length, load_for_use
 from REPORT import UserError, log
@@ -159,11 +160,12 @@ class Done(StoppingCriteria):
         return torch.tensor([answer.done for answer in self.answers], device=input_ids.device)
 
 
-def generate(model, tokenizer, rows):
+def generate(model, tokenizer, rows, compiled=None):
     """Answer rows together in one model.generate call, left-padded (each row ends where its answer starts). One
     call samples every row alike and stops at one set of end tokens, so the rows must share Options.sampling
     and .eos (SCHEDULER.together groups requests so); max_new_tokens, stop strings, streaming and cancellation
-    are each row's own. -> [Answer] in the rows' order."""
+    are each row's own. `compiled` (DECODE.compile_config, or None): a single row decodes with the compiled step
+    and a static cache. -> [Answer] in the rows' order."""
     first = rows[0].opts
     if any(row.opts.sampling != first.sampling or row.opts.eos != first.eos for row in rows):
         raise ValueError("rows of one generate call must share their sampling and end tokens")
@@ -173,10 +175,13 @@ def generate(model, tokenizer, rows):
     for i, row in enumerate(rows):
         input_ids[i, width - len(row.prompt_ids):], mask[i, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids), 1
     answers = [Answer(prefix=prompt_end(tokenizer, row.prompt_ids, row.opts.stops)) for row in rows]
+    max_new_tokens = max(row.opts.max_new_tokens for row in rows)
+    fast = dict(compile_config=compiled, cache=DECODE.static_cache(model, width + max_new_tokens, context_of(model))
+                ) if compiled is not None and len(rows) == 1 else {}
     with torch.inference_mode():
         out = model.generate(input_ids.to(model.device), attention_mask=mask.to(model.device),
-                             max_new_tokens=max(row.opts.max_new_tokens for row in rows), eos_token_id=first.eos,
-                             pad_token_id=tokenizer.pad_token_id, **first.sampling,
+                             max_new_tokens=max_new_tokens, eos_token_id=first.eos,
+                             pad_token_id=tokenizer.pad_token_id, **first.sampling, **fast,
                              streamer=Stream(tokenizer, rows, answers), stopping_criteria=StoppingCriteriaList([Done(answers)]))
     for i, (row, answer) in enumerate(zip(rows, answers)):  # one that generate cut short (its last token unseen)
         if not answer.done:

@@ -52,8 +52,10 @@ def main(argv):
         return SERVE.serve(cfg)
 
     import torch  # with GENERATE: only now that the arguments are checked (importing them takes seconds)
+    import DECODE
     import GENERATE
     model, tokenizer = GENERATE.load(cfg.model)
+    compiled = DECODE.compile_config(model.device) if g.decode == "compiled" else None
     context, warned = GENERATE.context_of(model), []
     stops, eos = GENERATE.stops_and_eos(tokenizer, g.stop, g.chat)
     opts = GENERATE.Options(g.max_new_tokens, GENERATE.sampling_of(g.greedy, g.temperature, g.top_k, g.top_p),
@@ -65,7 +67,7 @@ def main(argv):
         """The prompts' rows, answered together (each prompt's tail kept where it would not fit)."""
         fitted = [GENERATE.fit_context(ids, g.max_new_tokens, context, warned) for ids in batch_ids]
         return GENERATE.generate(model, tokenizer, [
-            GENERATE.Row(ids, dataclasses.replace(opts, max_new_tokens=n), sink) for ids, n in fitted])
+            GENERATE.Row(ids, dataclasses.replace(opts, max_new_tokens=n), sink) for ids, n in fitted], compiled)
 
     if g.each_line:  # batched; with --greedy identical to answering the lines one by one
         lines = [line.rstrip("\n") for line in sys.stdin]

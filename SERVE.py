@@ -22,6 +22,7 @@ import os
 import queue
 import re
 import threading
+import time
 import types
 
 import uvicorn  # fastapi and uvicorn: optional, checked by INFER.py --serve before it imports this file
@@ -29,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from jinja2 import TemplateError  # transformers' chat templates are Jinja
 
+import DECODE
 import GENERATE
 import SCHEDULER
 from PROTOCOL import (RequestError, choice, finish_reason, flag, messages_of, no_lone_surrogates, options, prompts_of,
@@ -38,12 +40,14 @@ from REPORT import UserError, log
 
 @dataclasses.dataclass
 class Served:
-    """What every request needs: the model, its tokenizer, its id, its context, and the queue."""
+    """What every request needs: the model, its tokenizer, its id, its context, the queue, and the compiled
+    decoding step's config (DECODE.compile_config) or None."""
     model: object
     tokenizer: object
     name: str
     context: int
     waiting: SCHEDULER.Waiting
+    compiled: object = None
 
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
@@ -232,7 +236,14 @@ def serve(cfg):
     if not tokenizer.chat_template:
         log("note: the tokenizer has no chat template: /v1/chat/completions answers 400, /v1/completions works")
     srv = Served(model, tokenizer, name, GENERATE.context_of(model),
-                 SCHEDULER.Waiting(g.batch_size, g.max_waiting, GENERATE.context_of(model)))
+                 SCHEDULER.Waiting(g.batch_size, g.max_waiting, GENERATE.context_of(model)),
+                 DECODE.compile_config(model.device) if g.decode != "eager" else None)
+    if srv.compiled is not None:  # compiled now, before the first request: it takes 10-60 s (DECODE.py)
+        start = time.perf_counter()
+        log("compiling the decoding step (--decode eager skips it) ...")
+        opts = GENERATE.Options(2, GENERATE.sampling_of(True, 0, 0, 1), *GENERATE.stops_and_eos(tokenizer, [], False))
+        GENERATE.generate(model, tokenizer, [GENERATE.Row([0, 0], opts)], srv.compiled)
+        log(f"compiled in {time.perf_counter() - start:.0f} s")
     threading.Thread(target=SCHEDULER.work, args=(srv,), daemon=True, name="generate").start()
     log(f"serving {name} at http://{g.host}:{g.port}/v1, a chat page at http://{g.host}:{g.port}/ "
         f"({'API key required' if api_key else 'no API key'}; "

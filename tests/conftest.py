@@ -67,7 +67,9 @@ def reference_nll(path, texts):
 
 @contextlib.contextmanager
 def serving(model, *flags, log=None):
-    """`INFER.py --model MODEL --serve` on a free loopback port until the block ends: yields its base url."""
+    """`INFER.py --model MODEL --serve` on a free loopback port until the block ends: yields its base url. Eager
+    decoding unless the flags say --decode (tests/test_decode.py serves compiled)."""
+    flags = flags if "--decode" in flags else (*flags, "--decode", "eager")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -75,7 +77,7 @@ def serving(model, *flags, log=None):
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "w") if log else subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
+        for _ in range(1200):  # 5 minutes: a compiled server compiles first
             try:
                 urllib.request.urlopen(url + "/health", timeout=1)
                 break
