@@ -40,4 +40,5 @@ def compile_config(device):
 def static_cache(model, tokens, context):
     """A pre-allocated KV cache for one row of `tokens` (prompt and answer): the next power of two from 256, at
     most the context. Each step attends to all of it, so it is sized to the answer, not to the context."""
-    return StaticCache(config=model.config, max_cache_len=min(context, max(SHORTEST_CACHE, 1 << (tokens - 1).bit_length())))
+    length = max(SHORTEST_CACHE, 1 << (tokens - 1).bit_length())
+    return StaticCache(config=model.config, max_cache_len=min(context, length))

@@ -5,7 +5,9 @@ model and one prompt, in one run, with each row's share of what the machine's me
 
 Rows, each greedy from the same prompt, EOS masked so that every runtime generates exactly --new-tokens:
   INFER.py f32 / bf16 / int8: GENERATE.generate, what INFER.py and the server run, on the model MODEL.load_for_use
-      loads with --dtype float32 / bfloat16 / int8 (bf16 and int8 only where the CPU has native bf16);
+      loads with --dtype float32 / bfloat16 / int8 (bf16 and int8 only where the CPU has native bf16), eager
+      (INFER.py's default) and "compiled" (--decode compiled, the server's default: DECODE.py; its compile,
+      timed once in the warm-up, is printed apart; batches of several rows run eager, so no batch figure);
   transformers f32: a bare model.generate(do_sample=False) on the same fp32 model;
   onnxruntime f32 / int8: ONNX_RUN.generate on EXPORT.py's ONNX folders (where onnxruntime is installed);
   llama.cpp f32 / f16 / q8_0: llama-cpp-python on EXPORT.py's GGUF files (where it is installed), the
@@ -30,6 +32,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import CONFIG  # noqa: E402
+import DECODE  # noqa: E402
 import DEVICE  # noqa: E402
 import GENERATE  # noqa: E402
 from MODEL import context_length, load_for_use  # noqa: E402
@@ -58,10 +61,10 @@ def weight_bytes(model):
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def infer_run(model, tok, ids, n, batch):
+def infer_run(model, tok, ids, n, batch, compiled=None):
     no_eos = [model.config.vocab_size]  # an id outside the output: no end token, exactly n new tokens
     opts = GENERATE.Options(n, GENERATE.sampling_of(True, 0, 0, 1), [], no_eos)
-    answers = GENERATE.generate(model, tok, [GENERATE.Row(ids, opts) for _ in range(batch)])
+    answers = GENERATE.generate(model, tok, [GENERATE.Row(ids, opts) for _ in range(batch)], compiled)
     return answers[0].new_ids
 
 
@@ -145,12 +148,18 @@ def main():
     n = min(a.new_tokens, context_length(models["float32"].config) - len(ids))
     rows = {f"INFER.py {SHORT[d]}": (lambda b, k, m=models[d]: infer_run(m, tok, ids, k, b), weight_bytes(models[d]))
             for d in dtypes}
+    compiled = DECODE.compile_config(torch.device("cpu"))
+    rows.update({f"INFER.py {SHORT[d]} compiled": (lambda b, k, m=models[d]: infer_run(m, tok, ids, k, b, compiled),
+                                                   weight_bytes(models[d])) for d in dtypes})
     rows["transformers f32"] = (lambda b, k: bare_run(models["float32"], tok, ids, k, b), weight_bytes(models["float32"]))
     tmp = tempfile.mkdtemp()
     for name, (run, size) in exports(a.model, tmp, a.skip).items():
         rows[name] = (lambda b, k, run=run: run(ids, k), size)
-    for run, _ in rows.values():  # warm-up: first calls allocate, load kernels, build sessions
+    compile_s = {}
+    for name, (run, _) in rows.items():  # warm-up: first calls allocate, load kernels, build sessions, compile
+        t = time.perf_counter()
         run(1, 2)
+        compile_s[name] = time.perf_counter() - t
     single, batch, first, tokens = {}, {}, {}, {}
     for _ in range(a.repeats):  # interleaved, so drift in the machine's load hits every row alike
         for name, (run, _) in rows.items():
@@ -160,7 +169,7 @@ def main():
             t = time.perf_counter()
             run(1, 1)  # time to the first token: the prompt read, one token out
             first.setdefault(name, []).append(time.perf_counter() - t)
-            if name.startswith(("INFER.py", "transformers")):
+            if name.startswith(("INFER.py", "transformers")) and not name.endswith("compiled"):
                 t = time.perf_counter()
                 run(a.batch, n)
                 batch.setdefault(name, []).append(time.perf_counter() - t)
@@ -170,13 +179,15 @@ def main():
           f"threads, torch {torch.__version__}; read bandwidth {bandwidth / 1e9:.1f} GB/s (torch.sum, 1 GiB)")
     ref = tokens["transformers f32"]
     agree = {f"INFER.py {SHORT[d]}": f"{next_token_agreement(models[d], ids, ref):.1%}" for d in dtypes}
-    print(f"{'runtime':<20}{'tok/s':>8}{f'x{a.batch} tok/s':>13}{'first ms':>10}{'same tokens':>13}{'next token':>12}"
+    print("compiling the decoding step (the warm-up's first call): " + ", ".join(
+        f"{name} {compile_s[name]:.0f} s" for name in rows if name.endswith("compiled")))
+    print(f"{'runtime':<22}{'tok/s':>8}{f'x{a.batch} tok/s':>13}{'first ms':>10}{'same tokens':>13}{'next token':>12}"
           f"{'MB/token':>10}{'of floor':>10}")
     for name, (_, size) in rows.items():
         speed = n / med(single[name])
         many = f"{a.batch * n / med(batch[name]):.0f}" if name in batch else "-"
         same = sum(x == y for x, y in zip(tokens[name], ref))
-        print(f"{name:<20}{speed:>8.1f}{many:>13}{med(first[name]) * 1e3:>10.0f}{f'{same}/{n}':>13}"
+        print(f"{name:<22}{speed:>8.1f}{many:>13}{med(first[name]) * 1e3:>10.0f}{f'{same}/{n}':>13}"
               f"{agree.get(name, '-'):>12}{size / 1e6:>10.0f}{size * speed / bandwidth:>10.0%}")
 
 

@@ -2,7 +2,7 @@
 
     pip install fastapi uvicorn
     python bench/serve_load.py --model out [--clients 1,4,8,16] [--batch-sizes 1,8] [--seconds 20] [--stream]
-                               [--dtype float32|bfloat16|int8]
+                               [--dtype float32|bfloat16|int8] [--decode auto|compiled|eager]
 
 Each client sends chat completions back to back (greedy, max_tokens fixed, a different question each
 time) and checks every answer is complete (valid JSON, an assistant message, a finish_reason; streamed:
@@ -67,15 +67,16 @@ def load(url, clients, seconds, max_tokens, stream):
             lat[min(len(lat) - 1, int(0.95 * len(lat)))], sum(not r[1] for r in results), len(results))
 
 
-def start(model, batch_size, dtype):
+def start(model, batch_size, dtype, decode):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "INFER.py", "--model", model, "--serve", "--port", str(port),
-                               "--batch-size", str(batch_size), "--max-waiting", "1000", "--dtype", dtype], cwd=ROOT,
+                               "--batch-size", str(batch_size), "--max-waiting", "1000", "--dtype", dtype, "--decode", decode],
+                              cwd=ROOT,
                               stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(1500):  # 5 minutes: the compiled step compiles first
         try:
             urllib.request.urlopen(url + "/health", timeout=1)
             return server, url
@@ -93,14 +94,15 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--stream", action="store_true")
     ap.add_argument("--dtype", default="auto", help="the server's --dtype (float32, bfloat16, int8)")
+    ap.add_argument("--decode", default="auto", help="the server's --decode (auto: compiled for one request at a time)")
     args = ap.parse_args()
     cpu = next((ln.split(":")[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(f"{cpu}, {os.cpu_count()} cores; {args.model} (--dtype {args.dtype}); greedy chat completions of max {args.max_tokens} tokens"
+    print(f"{cpu}, {os.cpu_count()} cores; {args.model} (--dtype {args.dtype}, --decode {args.decode}); greedy chat completions of max {args.max_tokens} tokens"
           f"{', streamed' if args.stream else ''}; {args.seconds:g} s per row")
     print(f"{'batch':>5} {'clients':>7} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} {'failed':>10} {'vs batch 1':>10}")
     baseline = {}
     for batch in map(int, args.batch_sizes.split(",")):
-        server, url = start(args.model, batch, args.dtype)
+        server, url = start(args.model, batch, args.dtype, args.decode)
         try:
             ask(url, 0, args.max_tokens, args.stream)  # warm-up
             for n in map(int, args.clients.split(",")):
