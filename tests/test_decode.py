@@ -67,8 +67,8 @@ def test_stop_strings_and_end_tokens_end_a_compiled_answer_as_an_eager_one(model
 
 @pytest.mark.skipif(not DEVICE.cpu_has_native_bf16(), reason="int8 needs a CPU with native bf16 (AVX512-BF16/AMX)")
 def test_two_models_in_one_process_each_get_their_own_step(models):
-    """The step's guards skip torch.nn layers only: a second model of the same class (the same llama in bf16,
-    then in int8) is not run through the first one's graph: each compiled answer is that model's eager one."""
+    """A second model of the same class (the same llama in bf16, then in int8) is not run through the first
+    one's graph: each compiled answer is that model's eager one."""
     compiled = DECODE.compile_config(torch.device("cpu"))
     model, tok = loaded(models["llama"])
     for variant in (model.to(torch.bfloat16), QUANT.to_int8(loaded(models["llama"])[0].to(torch.bfloat16), torch.bfloat16)):
