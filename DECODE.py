@@ -20,6 +20,13 @@ from transformers import CompileConfig, StaticCache
 SHORTEST_CACHE = 256  # tokens: caches come in powers of two from here
 
 
+def chosen(decode, serving, dtype):
+    """Whether answers decode compiled: --decode compiled, or auto when serving (a process that runs for long pays
+    the compile once, as it starts), except with int8 weights, which PyTorch's int8 kernel multiplies in either
+    step at the same speed (docs/performance.md)."""
+    return decode == "compiled" or (decode == "auto" and serving and dtype != "int8")
+
+
 def compile_config(device):
     """transformers' CompileConfig for generate's one-token step on `device`."""
     # decompose_mm_pass reads its size limits when inductor first loads, so they are set before the first compile;

@@ -1,5 +1,6 @@
-"""How the server answers many clients at once: requests wait in one queue, and one worker thread, the only
-one that touches the model, takes those that can generate together into a single GENERATE.generate call.
+"""How the server answers many clients at once: requests wait in one queue, and one worker (the server's main
+thread, the only one that touches the model) takes those that can generate together into a single
+GENERATE.generate call.
 
 Together means: the same sampling settings and end tokens, up to --batch-size rows, prompt and answer within
 the context; a sampled request with a seed runs alone, so its answer is the one that seed gives. A greedy
@@ -101,7 +102,7 @@ def take(waiting):
 
 
 def work(srv):
-    """The worker thread: answer batches for as long as the server runs."""
+    """The worker: answer batches for as long as the server runs."""
     while True:
         batch = take(srv.waiting)
         try:

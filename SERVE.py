@@ -237,15 +237,27 @@ def serve(cfg):
         log("note: the tokenizer has no chat template: /v1/chat/completions answers 400, /v1/completions works")
     srv = Served(model, tokenizer, name, GENERATE.context_of(model),
                  SCHEDULER.Waiting(g.batch_size, g.max_waiting, GENERATE.context_of(model)),
-                 DECODE.compile_config(model.device) if g.decode != "eager" else None)
+                 DECODE.compile_config(model.device) if DECODE.chosen(g.decode, True, cfg.model.dtype) else None)
     if srv.compiled is not None:  # compiled now, before the first request: it takes 10-60 s (DECODE.py)
         start = time.perf_counter()
         log("compiling the decoding step (--decode eager skips it) ...")
         opts = GENERATE.Options(2, GENERATE.sampling_of(True, 0, 0, 1), *GENERATE.stops_and_eos(tokenizer, [], False))
         GENERATE.generate(model, tokenizer, [GENERATE.Row([0, 0], opts)], srv.compiled)
         log(f"compiled in {time.perf_counter() - start:.0f} s")
-    threading.Thread(target=SCHEDULER.work, args=(srv,), daemon=True, name="generate").start()
+    # The HTTP server gets a thread of its own and the model stays on this one, which loaded it: PyTorch's OpenMP
+    # threads then form one team, which spins between kernels. A second team (another thread's) makes both sleep
+    # between kernels, and the compiled step ran at half speed that way.
+    http = uvicorn.Server(uvicorn.Config(make_app(srv, api_key), host=g.host, port=g.port, log_level="warning"))
+    listener = threading.Thread(target=http.run, daemon=True, name="http")
+    listener.start()
+    while not http.started:
+        if not listener.is_alive():  # uvicorn has logged why (e.g. the port is taken)
+            raise UserError(f"--serve: could not listen on {g.host}:{g.port} - pick another --port or --host")
+        time.sleep(0.05)
     log(f"serving {name} at http://{g.host}:{g.port}/v1, a chat page at http://{g.host}:{g.port}/ "
         f"({'API key required' if api_key else 'no API key'}; "
         f"up to {g.batch_size} requests generate together, {g.max_waiting} may wait); Ctrl-C to stop")
-    uvicorn.run(make_app(srv, api_key), host=g.host, port=g.port, log_level="warning")
+    try:
+        SCHEDULER.work(srv)
+    except KeyboardInterrupt:
+        log("stopped")

@@ -289,11 +289,11 @@ def check_infer(ctx):
 
 def check_decode(ctx):
     """9. Decoding speed of a SmolLM2-135M-shaped llama (random weights): tokens/s of one stream and of 8,
-    transformers' eager generate against a static KV cache + torch.compile (the compile's seconds apart), and
-    --dtype int8 (QUANT.py); the compiled greedy tokens against the eager ones."""
+    transformers' eager generate against DECODE.py's static KV cache + compiled step (the compile's seconds
+    apart; batch 8 compiles again), and --dtype int8 (QUANT.py); the compiled greedy tokens against the eager ones."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.generation.configuration_utils import CompileConfig
+    import DECODE
     import QUANT
     shape = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, vocab_size=49152) if ctx.cuda else \
@@ -303,9 +303,9 @@ def check_decode(ctx):
     cfg = AutoConfig.for_model("llama", **shape, max_position_embeddings=2048, tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_config(cfg).to(ctx.device, getattr(torch, ctx.dtype)).eval()
     n, sync = (128 if ctx.cuda else 16), torch.cuda.synchronize if ctx.cuda else (lambda: None)
-    compiled = CompileConfig(fullgraph=True, mode="reduce-overhead" if ctx.cuda else "default")
-    compiled._compile_all_devices = True  # transformers compiles on its own only on accelerators
-    ways = {"eager": {}, "static_compiled": {"cache_implementation": "static", "compile_config": compiled}}
+    compiled = DECODE.compile_config(torch.device(ctx.device))
+    ways = {"eager": lambda: {}, "static_compiled": lambda: {
+        "compile_config": compiled, "cache": DECODE.static_cache(model, 16 + n, cfg.max_position_embeddings)}}
 
     prompts = torch.randint(0, shape["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(0))
 
@@ -315,7 +315,7 @@ def check_decode(ctx):
         t = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, pad_token_id=0, **extra)
+                                 do_sample=False, pad_token_id=0, **extra())
         sync()
         return batch * n / (time.perf_counter() - t), out[0, 16:].tolist()
     result = {}
@@ -329,7 +329,7 @@ def check_decode(ctx):
         result[f"{way}_tokens"] = tokens
     same = sum(a == b for a, b in zip(result.pop("eager_tokens"), result.pop("static_compiled_tokens")))
     try:  # int8 weights: bf16 activations on a device with native bf16
-        result["int8_tok_s"] = speed(QUANT.to_int8(model.to(torch.bfloat16), torch.bfloat16), 1, {})[0]
+        result["int8_tok_s"] = speed(QUANT.to_int8(model.to(torch.bfloat16), torch.bfloat16), 1, dict)[0]
     except Exception as e:  # noqa: BLE001 - a device without the kernel: said, not fatal
         result["int8"] = f"{type(e).__name__}: {str(e)[:200]}"
     result = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}
