@@ -27,17 +27,16 @@ def chosen(decode, serving, dtype):
     return decode == "compiled" or (decode == "auto" and serving and dtype != "int8")
 
 
-def compile_config(device):
-    """transformers' CompileConfig for generate's one-token step on `device`."""
+def compile_config():
+    """transformers' CompileConfig for generate's one-token step."""
     # decompose_mm_pass reads its size limits when inductor first loads, so they are set before the first compile;
     # 1 << 20 lets it take the output head too (576 x 49152 in SmolLM2, past its default 2048).
     torch._inductor.config.post_grad_fusion_options["decompose_mm_pass"] = {
         "cpu_max_other_dimension_decomposition": 1 << 20}
     # Dynamo checks every parameter before each step (about 1.5 ms a token of SmolLM2): its guard filters could
-    # skip that, but then a second model in the process could run through the first one's graph. On CUDA: CUDA
-    # graphs (what mode="reduce-overhead" turns on).
-    options = {"triton.cudagraphs": True} if device.type == "cuda" else None
-    config = CompileConfig(dynamic=True, mode=None, options=options)  # one compile serves every cache length
+    # skip that, but then a second model in the process could run through the first one's graph. No CUDA graphs
+    # (mode="reduce-overhead"): each answer's cache is new, and CUDA graphs want the same tensors every call.
+    config = CompileConfig(dynamic=True, mode="default")  # dynamic: one compile serves every cache length
     config._compile_all_devices = True  # generate compiles only on GPUs unless this is set
     return config
 

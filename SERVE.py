@@ -237,7 +237,7 @@ def serve(cfg):
         log("note: the tokenizer has no chat template: /v1/chat/completions answers 400, /v1/completions works")
     srv = Served(model, tokenizer, name, GENERATE.context_of(model),
                  SCHEDULER.Waiting(g.batch_size, g.max_waiting, GENERATE.context_of(model)),
-                 DECODE.compile_config(model.device) if DECODE.chosen(g.decode, True, cfg.model.dtype) else None)
+                 DECODE.compile_config() if DECODE.chosen(g.decode, True, cfg.model.dtype) else None)
     if srv.compiled is not None:  # compiled now, before the first request: it takes 10-60 s (DECODE.py)
         start = time.perf_counter()
         log("compiling the decoding step (--decode eager skips it) ...")

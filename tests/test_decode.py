@@ -36,7 +36,7 @@ def reference(model, tok, prompt, n):
 def test_compiled_greedy_is_transformers_generate(models, arch):
     """One row at a time, fp32: every prompt's tokens are transformers.generate's, and the compiled step ran."""
     model, tok = loaded(models[arch])
-    compiled = DECODE.compile_config(model.device)
+    compiled = DECODE.compile_config()
     graphs = counters["stats"]["unique_graphs"]
     for prompt in PROMPTS:
         opts = GENERATE.Options(40, GREEDY, [], [tok.eos_token_id])
@@ -49,7 +49,7 @@ def test_stop_strings_and_end_tokens_end_a_compiled_answer_as_an_eager_one(model
     """A stop string and an end token taken from the eager text end the compiled answer at the same place; rows
     generated together (eager: batches do not compile) equal the compiled rows generated alone."""
     model, tok = loaded(models["llama"])
-    compiled = DECODE.compile_config(model.device)
+    compiled = DECODE.compile_config()
     free = GENERATE.generate(model, tok, [GENERATE.Row(tok("Once")["input_ids"], GENERATE.Options(
         30, GREEDY, [], [tok.eos_token_id]))])[0]
     stop, end = tok.decode(free.new_ids[10:12]), free.new_ids[6]
@@ -69,7 +69,7 @@ def test_stop_strings_and_end_tokens_end_a_compiled_answer_as_an_eager_one(model
 def test_two_models_in_one_process_each_get_their_own_step(models):
     """A second model of the same class (the same llama in bf16, then in int8) is not run through the first
     one's graph: each compiled answer is that model's eager one."""
-    compiled = DECODE.compile_config(torch.device("cpu"))
+    compiled = DECODE.compile_config()
     model, tok = loaded(models["llama"])
     for variant in (model.to(torch.bfloat16), QUANT.to_int8(loaded(models["llama"])[0].to(torch.bfloat16), torch.bfloat16)):
         rows = lambda: [GENERATE.Row(tok("The fox")["input_ids"], GENERATE.Options(  # noqa: E731
