@@ -10,7 +10,7 @@ so logits differ from eager's in the last bits: greedy text is the same as trans
 tokens are that close (tests/test_decode.py; bench/generate_throughput.py counts the tokens).
 
 What it costs: compiling, once a process (30-60 s for a 135M model on 2 cores; inductor keeps what it built on
-disk, in TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_$USER, so later runs take about 10 s). Several answers
+disk, in TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_$USER, so later runs take 10-25 s). Several answers
 generated together use the eager step: the one-row rewrite does not apply to them, and MKL's matmul of several
 rows is what batching is for.
 """
