@@ -47,7 +47,7 @@ class Served:
     name: str
     context: int
     waiting: SCHEDULER.Waiting
-    compiled: object = None
+    compiled: object
 
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
@@ -235,8 +235,8 @@ def serve(cfg):
     api_key = g.api_key or os.environ.get("LLM_MINI_API_KEY")
     if not tokenizer.chat_template:
         log("note: the tokenizer has no chat template: /v1/chat/completions answers 400, /v1/completions works")
-    srv = Served(model, tokenizer, name, GENERATE.context_of(model),
-                 SCHEDULER.Waiting(g.batch_size, g.max_waiting, GENERATE.context_of(model)),
+    context = GENERATE.context_of(model)
+    srv = Served(model, tokenizer, name, context, SCHEDULER.Waiting(g.batch_size, g.max_waiting, context),
                  DECODE.compile_config() if DECODE.chosen(g.decode, True, cfg.model.dtype) else None)
     if srv.compiled is not None:  # compiled now, before the first request: it takes 10-60 s (DECODE.py)
         start = time.perf_counter()
