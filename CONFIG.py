@@ -175,7 +175,7 @@ class InferCfg:
                             "its end of turn")
     system: Optional[str] = opt(None, "system message for --chat")
     decode: Literal["auto", "compiled", "eager"] = opt(
-        "auto", "a single answer's tokens: compiled (DECODE.py: 2x as fast on CPUs after a compile of 10-60 s) or "
+        "auto", "a single answer's tokens: compiled (DECODE.py: 2-3x as fast on CPUs after a compile of 30-100 s) or "
                 "eager; auto: compiled for --serve (compiled as it starts), eager for prompts")
     serve: bool = opt(False, "serve the model over an OpenAI-compatible HTTP API (SERVE.py) instead of stdout")
     host: str = opt("127.0.0.1", "--serve: the address to listen on (0.0.0.0: every interface)")

@@ -164,7 +164,7 @@ def generate(model, tokenizer, rows, compiled=None):
     """Answer rows together in one model.generate call, left-padded (each row ends where its answer starts). One
     call samples every row alike and stops at one set of end tokens, so the rows must share Options.sampling
     and .eos (SCHEDULER.together groups requests so); max_new_tokens, stop strings, streaming and cancellation
-    are each row's own. `compiled` (DECODE.compile_config, or None): a single row decodes with the compiled step
+    are each row's own. `compiled` (DECODE.compiled_step, or None): a single row decodes with the compiled step
     and a static cache. -> [Answer] in the rows' order."""
     first = rows[0].opts
     if any(row.opts.sampling != first.sampling or row.opts.eos != first.eos for row in rows):

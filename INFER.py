@@ -55,7 +55,7 @@ def main(argv):
     import DECODE
     import GENERATE
     model, tokenizer = GENERATE.load(cfg.model)
-    compiled = DECODE.compile_config() if DECODE.chosen(g.decode, False, cfg.model.dtype) else None
+    compiled = DECODE.compiled_step(model) if DECODE.chosen(g.decode, False) else None
     context, warned = GENERATE.context_of(model), []
     stops, eos = GENERATE.stops_and_eos(tokenizer, g.stop, g.chat)
     opts = GENERATE.Options(g.max_new_tokens, GENERATE.sampling_of(g.greedy, g.temperature, g.top_k, g.top_p),

@@ -41,7 +41,7 @@ from REPORT import UserError, log
 @dataclasses.dataclass
 class Served:
     """What every request needs: the model, its tokenizer, its id, its context, the queue, and the compiled
-    decoding step's config (DECODE.compile_config) or None."""
+    decoding step's config (DECODE.compiled_step) or None."""
     model: object
     tokenizer: object
     name: str
@@ -237,8 +237,8 @@ def serve(cfg):
         log("note: the tokenizer has no chat template: /v1/chat/completions answers 400, /v1/completions works")
     context = GENERATE.context_of(model)
     srv = Served(model, tokenizer, name, context, SCHEDULER.Waiting(g.batch_size, g.max_waiting, context),
-                 DECODE.compile_config() if DECODE.chosen(g.decode, True, cfg.model.dtype) else None)
-    if srv.compiled is not None:  # compiled now, before the first request: it takes 10-60 s (DECODE.py)
+                 DECODE.compiled_step(model) if DECODE.chosen(g.decode, True) else None)
+    if srv.compiled is not None:  # compiled now, before the first request: it takes 30-100 s (DECODE.py)
         start = time.perf_counter()
         log("compiling the decoding step (--decode eager skips it) ...")
         opts = GENERATE.Options(2, GENERATE.sampling_of(True, 0, 0, 1), *GENERATE.stops_and_eos(tokenizer, [], False))

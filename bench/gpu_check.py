@@ -303,7 +303,7 @@ def check_decode(ctx):
     cfg = AutoConfig.for_model("llama", **shape, max_position_embeddings=2048, tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_config(cfg).to(ctx.device, getattr(torch, ctx.dtype)).eval()
     n, sync = (128 if ctx.cuda else 16), torch.cuda.synchronize if ctx.cuda else (lambda: None)
-    compiled = DECODE.compile_config()
+    compiled = DECODE.compiled_step(model)
     ways = {"eager": lambda: {}, "static_compiled": lambda: {
         "compile_config": compiled, "cache": DECODE.static_cache(model, 16 + n, cfg.max_position_embeddings)}}
 

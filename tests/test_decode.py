@@ -36,12 +36,13 @@ def reference(model, tok, prompt, n):
 def test_compiled_greedy_is_transformers_generate(models, arch):
     """One row at a time, fp32: every prompt's tokens are transformers.generate's, and the compiled step ran."""
     model, tok = loaded(models[arch])
-    compiled = DECODE.compile_config()
+    references = [reference(model, tok, prompt, 40) for prompt in PROMPTS]  # before compiled_step readies the model
+    compiled = DECODE.compiled_step(model)
     graphs = counters["stats"]["unique_graphs"]
-    for prompt in PROMPTS:
+    for prompt, expected in zip(PROMPTS, references):
         opts = GENERATE.Options(40, GREEDY, [], [tok.eos_token_id])
         answer = GENERATE.generate(model, tok, [GENERATE.Row(tok(prompt)["input_ids"], opts)], compiled)[0]
-        assert answer.new_ids == reference(model, tok, prompt, 40), prompt
+        assert answer.new_ids == expected, prompt
     assert counters["stats"]["unique_graphs"] > graphs  # dynamo compiled the step (it did not fall back silently)
 
 
@@ -49,7 +50,7 @@ def test_stop_strings_and_end_tokens_end_a_compiled_answer_as_an_eager_one(model
     """A stop string and an end token taken from the eager text end the compiled answer at the same place; rows
     generated together (eager: batches do not compile) equal the compiled rows generated alone."""
     model, tok = loaded(models["llama"])
-    compiled = DECODE.compile_config()
+    compiled = DECODE.compiled_step(model)
     free = GENERATE.generate(model, tok, [GENERATE.Row(tok("Once")["input_ids"], GENERATE.Options(
         30, GREEDY, [], [tok.eos_token_id]))])[0]
     stop, end = tok.decode(free.new_ids[10:12]), free.new_ids[6]
@@ -69,13 +70,24 @@ def test_stop_strings_and_end_tokens_end_a_compiled_answer_as_an_eager_one(model
 def test_two_models_in_one_process_each_get_their_own_step(models):
     """A second model of the same class (the same llama in bf16, then in int8) is not run through the first
     one's graph: each compiled answer is that model's eager one."""
-    compiled = DECODE.compile_config()
     model, tok = loaded(models["llama"])
     for variant in (model.to(torch.bfloat16), QUANT.to_int8(loaded(models["llama"])[0].to(torch.bfloat16), torch.bfloat16)):
+        compiled = DECODE.compiled_step(variant)
         rows = lambda: [GENERATE.Row(tok("The fox")["input_ids"], GENERATE.Options(  # noqa: E731
             20, GREEDY, [], [tok.eos_token_id]))]
         assert GENERATE.generate(variant, tok, rows(), compiled)[0].new_ids == GENERATE.generate(
             variant, tok, rows())[0].new_ids
+
+
+def test_outside_the_compiled_step_the_model_computes_as_before(models):
+    """compiled_step gives the model DECODE.attention, which is sdpa's own wherever the step is not compiling:
+    a prompt's eager logits are bit for bit those of before."""
+    model, tok = loaded(models["llama"])
+    ids = torch.tensor([tok(PROMPTS[2])["input_ids"]])
+    with torch.inference_mode():
+        before = model(ids).logits
+        DECODE.compiled_step(model)
+        assert model.config._attn_implementation == DECODE.ATTENTION and torch.equal(model(ids).logits, before)
 
 
 @pytest.mark.parametrize("tokens, context, length", [(5, 2048, 256), (256, 2048, 256), (257, 2048, 512),
