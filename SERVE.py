@@ -16,18 +16,18 @@ with a 400 that names it, never ignored. Errors are OpenAI-shaped JSON: {"error"
 import asyncio
 import base64
 import dataclasses
+import functools
 import hashlib
 import json
 import os
-import queue
 import re
 import threading
 import time
 import types
 
 import uvicorn  # fastapi and uvicorn: optional, checked by INFER.py --serve before it imports this file
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError  # transformers' chat templates are Jinja
 
 import DECODE
@@ -79,47 +79,76 @@ def enqueue(srv, jobs):
 
 
 async def events(srv, job, chat, pieces):
-    """The server-sent events of one streamed answer: the worker puts its text on `pieces` as it comes, then the
-    finished future; when the client disconnects this generator is closed, and `finally` takes the job out of
-    the queue (or stops its row)."""
-    envelope, usage, loop = *shapes(srv.name, chat, [job], True), asyncio.get_running_loop()
+    """The server-sent events of one streamed answer: the worker puts its text on `pieces` (an asyncio.Queue) as
+    it comes, then the finished future."""
+    envelope, usage = shapes(srv.name, chat, [job], True)
     delta = (lambda text: {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": None}) if chat else \
         (lambda text: {"index": 0, "text": text, "logprobs": None, "finish_reason": None})
-    try:
-        if chat:
-            yield f"data: {json.dumps(envelope([{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]))}\n\n"
-        while True:
-            item = await loop.run_in_executor(None, pieces.get)
-            if isinstance(item, str):
-                yield f"data: {json.dumps(envelope([delta(item)]))}\n\n"
-                continue
-            if item.exception():
-                last = {"error": {"message": f"{type(item.exception()).__name__}: {item.exception()}",
-                                  "type": "server_error"}}
-            else:
-                last = envelope([{**delta(""), "finish_reason": finish_reason(job)}], usage=usage())
-            yield f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n"
-            break
-    finally:
-        SCHEDULER.withdraw(srv.waiting, [job])  # a client that disconnected ends up here too
+    if chat:
+        yield f"data: {json.dumps(envelope([{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]))}\n\n"
+    while True:
+        item = await pieces.get()
+        if isinstance(item, str):
+            yield f"data: {json.dumps(envelope([delta(item)]))}\n\n"
+            continue
+        if item.exception():
+            last = {"error": {"message": f"{type(item.exception()).__name__}: {item.exception()}",
+                              "type": "server_error"}}
+        else:
+            last = envelope([{**delta(""), "finish_reason": finish_reason(job)}], usage=usage())
+        yield f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n"
+        return
 
 
-async def respond(srv, jobs, texts, chat, stream):
+class EventStream(StreamingResponse):
+    """Server-sent events that call `ended()` however the stream ends: its last event sent, or its client gone.
+    When the client goes, Starlette cancels the stream wherever it waits, which can be outside the events
+    generator: a `finally` in the generator would run only when the garbage collector gets to it."""
+
+    def __init__(self, events, ended):
+        super().__init__(events, media_type="text/event-stream")
+        self.ended = ended
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ended()
+
+
+async def gone(request):
+    """Returns when the client disconnects (its body is read: a disconnect is all that can come now)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def respond(srv, request, jobs, texts, chat, stream):
+    """Queue the jobs and answer: streamed, or one JSON response when all are done. A client that goes away
+    first takes its jobs out of the queue, or stops them at the next token (SCHEDULER.withdraw)."""
     if stream:  # the sink first: the worker may start on the job as soon as it is queued
-        pieces = queue.Queue()
-        jobs[0].row = dataclasses.replace(jobs[0].row, sink=types.SimpleNamespace(write=pieces.put, flush=lambda: None))
-        jobs[0].future.add_done_callback(pieces.put)
+        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+        put = functools.partial(loop.call_soon_threadsafe, pieces.put_nowait)  # called on the worker's thread
+        jobs[0].row = dataclasses.replace(jobs[0].row, sink=types.SimpleNamespace(write=put, flush=lambda: None))
+        jobs[0].future.add_done_callback(put)
         enqueue(srv, jobs)
-        return StreamingResponse(events(srv, jobs[0], chat, pieces), media_type="text/event-stream")
+        return EventStream(events(srv, jobs[0], chat, pieces), lambda: SCHEDULER.withdraw(srv.waiting, jobs))
     enqueue(srv, jobs)
-    try:  # the event loop keeps serving (health, other requests) while the worker generates
-        done = await asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs))
-    except asyncio.CancelledError:  # the client went away before its answer
+    # The event loop keeps serving (health, other requests) while the worker generates. Nothing here cancels
+    # the jobs' futures (the worker sets them) or fails `answers` (a client gone leaves it unread).
+    answers = asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs), return_exceptions=True)
+    client = asyncio.ensure_future(gone(request))
+    try:
+        await asyncio.wait([answers, client], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        client.cancel()
+    if not answers.done():  # the client went away first; no one reads what is sent now
         SCHEDULER.withdraw(srv.waiting, jobs)
-        raise
+        return Response(status_code=499)
+    for failed in (job for job in answers.result() if isinstance(job, Exception)):
+        raise failed
     envelope, usage = shapes(srv.name, chat, jobs, False)
-    return JSONResponse(envelope([choice(srv.tokenizer, i, job, text, chat) for i, (job, text) in enumerate(zip(done, texts))],
-                                 usage=usage()))
+    return JSONResponse(envelope([choice(srv.tokenizer, i, job, text, chat) for i, (job, text) in enumerate(zip(
+        answers.result(), texts))], usage=usage()))
 
 
 async def json_of(request):
@@ -148,15 +177,14 @@ async def body_of(request, name, kind):
 
 def make_app(srv, api_key):
     """The FastAPI application: routes, the API key check and the error handlers."""
-    app, html = FastAPI(), open(PAGE, encoding="utf-8").read()
-    headers = page_headers(html)
-
-    @app.middleware("http")
-    async def key(request: Request, call_next):  # the page holds nothing secret: it asks for the key itself
+    def key(request: Request):  # the page holds nothing secret: it asks for the key itself
         if api_key and request.url.path not in ("/", "/health") and \
                 request.headers.get("authorization") != f"Bearer {api_key}":
-            return error(401, "a valid API key is required: send 'Authorization: Bearer KEY'", code="invalid_api_key")
-        return await call_next(request)
+            raise RequestError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
+                               code="invalid_api_key")
+
+    app, html = FastAPI(dependencies=[Depends(key)]), open(PAGE, encoding="utf-8").read()
+    headers = page_headers(html)
 
     @app.exception_handler(RequestError)
     async def bad_request(request, e):
@@ -192,7 +220,8 @@ def make_app(srv, api_key):
             raise RequestError(400, f"the model's chat template refuses these messages: {e}", "messages")
         top = wanted_logprobs(body, chat=True)
         opts, seed = options(body, srv.tokenizer, srv.context, len(ids), chat=True)
-        return await respond(srv, [SCHEDULER.Job(GENERATE.Row(ids, opts), seed, top)], [""], True, flag(body, "stream"))
+        jobs = [SCHEDULER.Job(GENERATE.Row(ids, opts), seed, top)]
+        return await respond(srv, request, jobs, [""], True, flag(body, "stream"))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -202,7 +231,7 @@ def make_app(srv, api_key):
             raise RequestError(400, "'stream' takes a single prompt", "stream")
         opts, seed = options(body, srv.tokenizer, srv.context, max(len(ids) for _, ids in prompts), chat=False)
         jobs = [SCHEDULER.Job(GENERATE.Row(ids, opts), seed, top, flag(body, "echo")) for _, ids in prompts]
-        return await respond(srv, jobs, [text for text, _ in prompts], False, flag(body, "stream"))
+        return await respond(srv, request, jobs, [text for text, _ in prompts], False, flag(body, "stream"))
 
     @app.get("/tokenizer_info")
     def tokenizer_info():

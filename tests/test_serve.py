@@ -1,7 +1,9 @@
 """INFER.py --serve: the OpenAI-compatible API, driven by the official openai client against a real server."""
+import http.client
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -122,6 +124,49 @@ def test_a_client_that_disconnects_mid_stream_stops_generation(server, client):
         time.sleep(0.1)
     line = next(line for line in server[2].read_text().splitlines() if "client went away" in line)
     assert int(line.split("after ")[1].split()[0]) < 50, line  # at once, not at EOS or the 1000th token
+
+
+def stopped_after(log):
+    """How many tokens each stopped answer had, from the server log's 'client went away' lines."""
+    lines = [line for line in log.read_text().splitlines() if "client went away" in line]
+    return [int(line.split("after ")[1].split()[0]) for line in lines]
+
+
+def test_a_client_that_leaves_before_its_answer_stops_generation(server):
+    """Not streamed: nothing is sent until the answer is done, yet the server sees the connection close."""
+    before = len(stopped_after(server[2]))
+    ask = {"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0}
+    request = urllib.request.Request(server[1] + "/v1/completions", json.dumps(ask).encode(),
+                                     headers={"Authorization": f"Bearer {KEY}"})
+    with pytest.raises(OSError):  # urllib gives up after 0.3 s and closes the connection
+        urllib.request.urlopen(request, timeout=0.3)
+    for _ in range(100):
+        if len(stopped_after(server[2])) > before:
+            break
+        time.sleep(0.1)
+    assert stopped_after(server[2])[before:] and stopped_after(server[2])[before] < 1000, server[2].read_text()
+
+
+def test_streamed_clients_that_leave_while_waiting_leave_the_server_free(server, tmp_path):
+    """40 streamed clients (more than any thread pool of Python's holds) wait behind 8 long answers of one
+    request, one at a time; all leave. The next client's answer then streams at once."""
+    with serving(server[0], "--api-key", KEY, "--batch-size", "1", "--max-waiting", "64", log=tmp_path / "log") as url:
+        host = urllib.parse.urlsplit(url).netloc
+        headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        long = http.client.HTTPConnection(host)
+        long.request("POST", "/v1/completions", json.dumps({"prompt": ["Once upon a time"] * 8, "max_tokens": 900}),
+                     headers)
+        waiting = [http.client.HTTPConnection(host) for _ in range(40)]
+        for c in waiting:
+            c.request("POST", "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 50, "stream": True}), headers)
+            assert c.getresponse().status == 200  # queued: the stream has begun
+        for c in [long, *waiting]:
+            c.close()
+        start = time.monotonic()
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+        text = "".join(chunk.choices[0].text for chunk in client.completions.create(
+            model=str(server[0]), prompt="Hello", max_tokens=4, stream=True))
+        assert text and time.monotonic() - start < 10
 
 
 def test_serving_without_the_packages_names_what_to_install(tmp_path):
