@@ -91,9 +91,10 @@ async def events(srv, job, chat, pieces):
         if isinstance(item, str):
             yield f"data: {json.dumps(envelope([delta(item)]))}\n\n"
             continue
-        if item.exception():
-            last = {"error": {"message": f"{type(item.exception()).__name__}: {item.exception()}",
-                              "type": "server_error"}}
+        if item.exception():  # the stream has begun (200): the error is its last event, and one log line
+            message = f"{type(item.exception()).__name__}: {item.exception()}"
+            log(f"error: a streamed answer: {message}")
+            last = {"error": {"message": message, "type": "server_error"}}
         else:
             last = envelope([{**delta(""), "finish_reason": finish_reason(job)}], usage=usage())
         yield f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n"
@@ -133,8 +134,9 @@ async def respond(srv, request, jobs, texts, chat, stream):
         enqueue(srv, jobs)
         return EventStream(events(srv, jobs[0], chat, pieces), lambda: SCHEDULER.withdraw(srv.waiting, jobs))
     enqueue(srv, jobs)
-    # The event loop keeps serving (health, other requests) while the worker generates. Nothing here cancels
-    # the jobs' futures (the worker sets them) or fails `answers` (a client gone leaves it unread).
+    # The event loop keeps serving (health, other requests) while the worker generates. The jobs' futures are
+    # the worker's to set, never cancelled here; `answers` never fails (return_exceptions), so one left unread
+    # when its client has gone logs nothing.
     answers = asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs), return_exceptions=True)
     client = asyncio.ensure_future(gone(request))
     try:
@@ -144,8 +146,9 @@ async def respond(srv, request, jobs, texts, chat, stream):
     if not answers.done():  # the client went away first; no one reads what is sent now
         SCHEDULER.withdraw(srv.waiting, jobs)
         return Response(status_code=499)
-    for failed in (job for job in answers.result() if isinstance(job, Exception)):
-        raise failed
+    failed = [job for job in answers.result() if isinstance(job, Exception)]
+    if failed:
+        raise failed[0]  # the worker's error: a 500, one line in the log (server_error)
     envelope, usage = shapes(srv.name, chat, jobs, False)
     return JSONResponse(envelope([choice(srv.tokenizer, i, job, text, chat) for i, (job, text) in enumerate(zip(
         answers.result(), texts))], usage=usage()))
@@ -257,6 +260,19 @@ def make_app(srv, api_key):
     return app
 
 
+def logged_once(app):
+    """The app as uvicorn runs it. Starlette answers an unexpected error with server_error's 500, then raises it
+    again for the server to log with its traceback; server_error has logged it in one line, so it ends here."""
+    async def asgi(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        try:
+            await app(scope, receive, send)
+        except Exception:  # noqa: BLE001 - answered and logged by server_error
+            pass
+    return asgi
+
+
 def serve(cfg):
     """Load the model and serve it until Ctrl-C, on --host:--port, with --api-key (or $LLM_MINI_API_KEY)."""
     model, tokenizer = GENERATE.load(cfg.model)
@@ -276,7 +292,8 @@ def serve(cfg):
     # The HTTP server gets a thread of its own and the model stays on this one, which loaded it: PyTorch's OpenMP
     # threads then form one team, which spins between kernels. A second team (another thread's) makes both sleep
     # between kernels, and the compiled step ran at half speed that way.
-    http = uvicorn.Server(uvicorn.Config(make_app(srv, api_key), host=g.host, port=g.port, log_level="warning"))
+    app = logged_once(make_app(srv, api_key))
+    http = uvicorn.Server(uvicorn.Config(app, host=g.host, port=g.port, log_level="warning"))
     listener = threading.Thread(target=http.run, daemon=True, name="http")
     listener.start()
     while not http.started:

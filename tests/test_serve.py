@@ -1,6 +1,7 @@
 """INFER.py --serve: the OpenAI-compatible API, driven by the official openai client against a real server."""
 import http.client
 import json
+import shutil
 import time
 import urllib.error
 import urllib.parse
@@ -167,6 +168,32 @@ def test_streamed_clients_that_leave_while_waiting_leave_the_server_free(server,
         text = "".join(chunk.choices[0].text for chunk in client.completions.create(
             model=str(server[0]), prompt="Hello", max_tokens=4, stream=True))
         assert text and time.monotonic() - start < 10
+
+
+def test_an_error_inside_generation_is_an_openai_error_and_one_log_line(server, tmp_path):
+    """A broken model folder: its tokenizer has one token more than the model's embedding, so a prompt holding
+    that token fails inside generate. The client gets an OpenAI-shaped error (a 500; a stream's last event),
+    the log one line each and no traceback, and the server answers the next request."""
+    broken = tmp_path / "broken"
+    shutil.copytree(server[0], broken, ignore=shutil.ignore_patterns("ckpt-*"))
+    tokenizer = json.load(open(broken / "tokenizer.json"))
+    flags = dict.fromkeys(["single_word", "lstrip", "rstrip", "normalized", "special"], False)
+    tokenizer["added_tokens"].append({"id": json.load(open(broken / "config.json"))["vocab_size"], "content": "<|x|>",
+                                      **flags})
+    json.dump(tokenizer, open(broken / "tokenizer.json", "w"))
+    with serving(broken, "--api-key", KEY, log=tmp_path / "log") as url:
+        status, answer, _ = post((broken, url), "/v1/completions", {"prompt": "a <|x|>", "max_tokens": 4})
+        assert status == 500 and answer["error"]["type"] == "server_error"
+        assert "IndexError" in answer["error"]["message"]
+        ask = {"prompt": "a <|x|>", "max_tokens": 4, "stream": True}
+        request = urllib.request.Request(url + "/v1/completions", json.dumps(ask).encode(),
+                                         headers={"Authorization": f"Bearer {KEY}"})
+        events = urllib.request.urlopen(request).read().decode().split("\n\n")
+        assert "IndexError" in json.loads(events[-3].removeprefix("data: "))["error"]["message"]
+        assert events[-2] == "data: [DONE]"
+        assert post((broken, url), "/v1/completions", {"prompt": "a", "max_tokens": 4})[0] == 200
+    log = (tmp_path / "log").read_text()
+    assert "Traceback" not in log and [line.split(":")[0] for line in log.splitlines()[1:]] == ["error", "error"], log
 
 
 def test_serving_without_the_packages_names_what_to_install(tmp_path):
