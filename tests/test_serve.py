@@ -154,10 +154,10 @@ def test_streamed_clients_that_leave_while_waiting_leave_the_server_free(server,
     with serving(server[0], "--api-key", KEY, "--batch-size", "1", "--max-waiting", "64", log=tmp_path / "log") as url:
         host = urllib.parse.urlsplit(url).netloc
         headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-        long = http.client.HTTPConnection(host)
+        long = http.client.HTTPConnection(host, timeout=30)
         long.request("POST", "/v1/completions", json.dumps({"prompt": ["Once upon a time"] * 8, "max_tokens": 900}),
                      headers)
-        waiting = [http.client.HTTPConnection(host) for _ in range(40)]
+        waiting = [http.client.HTTPConnection(host, timeout=30) for _ in range(40)]
         for c in waiting:
             c.request("POST", "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 50, "stream": True}), headers)
             assert c.getresponse().status == 200  # queued: the stream has begun
@@ -188,7 +188,7 @@ def test_an_error_inside_generation_is_an_openai_error_and_one_log_line(server, 
         ask = {"prompt": "a <|x|>", "max_tokens": 4, "stream": True}
         request = urllib.request.Request(url + "/v1/completions", json.dumps(ask).encode(),
                                          headers={"Authorization": f"Bearer {KEY}"})
-        events = urllib.request.urlopen(request).read().decode().split("\n\n")
+        events = urllib.request.urlopen(request, timeout=60).read().decode().split("\n\n")
         assert "IndexError" in json.loads(events[-3].removeprefix("data: "))["error"]["message"]
         assert events[-2] == "data: [DONE]"
         assert post((broken, url), "/v1/completions", {"prompt": "a", "max_tokens": 4})[0] == 200
