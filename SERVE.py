@@ -146,12 +146,13 @@ async def respond(srv, request, jobs, texts, chat, stream):
     if not answers.done():  # the client went away first; no one reads what is sent now
         SCHEDULER.withdraw(srv.waiting, jobs)
         return Response(status_code=499)
-    failed = [job for job in answers.result() if isinstance(job, Exception)]
+    done = answers.result()
+    failed = [job for job in done if isinstance(job, Exception)]
     if failed:
         raise failed[0]  # the worker's error: a 500, one line in the log (server_error)
     envelope, usage = shapes(srv.name, chat, jobs, False)
-    return JSONResponse(envelope([choice(srv.tokenizer, i, job, text, chat) for i, (job, text) in enumerate(zip(
-        answers.result(), texts))], usage=usage()))
+    return JSONResponse(envelope([choice(srv.tokenizer, i, job, text, chat) for i, (job, text) in enumerate(zip(done, texts))],
+                                 usage=usage()))
 
 
 async def json_of(request):
