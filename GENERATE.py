@@ -9,7 +9,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 import DECODE
+import PACK
 from CHAT import end_of_turn
+from DEVICE import native_bf16
 from MODEL import context_length, load_for_use
 from REPORT import UserError, log
 from TOKENIZER import load_tokenizer
@@ -24,9 +26,14 @@ class Options:
     eos: list                      # token ids that end an answer: EOS, a chat's end-of-turn token
 
 
-def load(mcfg):
-    """The model and its tokenizer, loaded for generation (MODEL.load_for_use)."""
-    return load_for_use(mcfg, "generate"), load_tokenizer(mcfg.name, mcfg.trust_remote_code)
+def load(mcfg, compiled):
+    """The model and its tokenizer, loaded for generation (MODEL.load_for_use), its linear layers packed for oneDNN
+    on a CPU (PACK.py; a LoRA adapter merged into them first), keeping their plain weights too where the decoding
+    step will be `compiled`."""
+    model = load_for_use(mcfg, "generate")
+    if PACK.packable(model, native_bf16(model.device)):
+        model = PACK.to_packed(model.merge_and_unload() if hasattr(model, "merge_and_unload") else model, compiled)
+    return model, load_tokenizer(mcfg.name, mcfg.trust_remote_code)
 
 
 def sampling_of(greedy, temperature, top_k, top_p):

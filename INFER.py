@@ -54,7 +54,7 @@ def main(argv):
     import torch  # with GENERATE: only now that the arguments are checked (importing them takes seconds)
     import DECODE
     import GENERATE
-    model, tokenizer = GENERATE.load(cfg.model)
+    model, tokenizer = GENERATE.load(cfg.model, DECODE.chosen(g.decode, False))
     compiled = DECODE.compiled_step(model) if DECODE.chosen(g.decode, False) else None
     context, warned = GENERATE.context_of(model), []
     stops, eos = GENERATE.stops_and_eos(tokenizer, g.stop, g.chat)

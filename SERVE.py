@@ -276,8 +276,8 @@ def logged_once(app):
 
 def serve(cfg):
     """Load the model and serve it until Ctrl-C, on --host:--port, with --api-key (or $LLM_MINI_API_KEY)."""
-    model, tokenizer = GENERATE.load(cfg.model)
     g, name = cfg.infer, cfg.model.name
+    model, tokenizer = GENERATE.load(cfg.model, DECODE.chosen(g.decode, True))
     api_key = g.api_key or os.environ.get("LLM_MINI_API_KEY")
     if not tokenizer.chat_template:
         log("note: the tokenizer has no chat template: /v1/chat/completions answers 400, /v1/completions works")

@@ -4,11 +4,11 @@ model and one prompt, in one run, with each row's share of what the machine's me
     python bench/generate_throughput.py --model DIR [--new-tokens 128] [--batch 8] [--repeats 3]
 
 Rows, each greedy from the same prompt, EOS masked so that every runtime generates exactly --new-tokens:
-  INFER.py f32 / bf16 / int8: GENERATE.generate, what INFER.py and the server run, on the model MODEL.load_for_use
-      loads with --dtype float32 / bfloat16 / int8 (bf16 and int8 only where the CPU has native bf16), eager
+  INFER.py f32 / bf16 / int8: GENERATE.generate, what INFER.py and the server run, on the model GENERATE.load
+      loads with --dtype float32 / bfloat16 / int8 (fp32 and bf16 packed for oneDNN: PACK.py) (bf16 and int8 only where the CPU has native bf16), eager
       (INFER.py's default) and "compiled" (--decode compiled, the server's default: DECODE.py; its compile,
       timed once in the warm-up, is printed apart; batches of several rows run eager, so no batch figure);
-  transformers f32: a bare model.generate(do_sample=False) on the same fp32 model;
+  transformers f32: a bare model.generate(do_sample=False) on the fp32 model as transformers loads it;
   onnxruntime f32 / int8: ONNX_RUN.generate on EXPORT.py's ONNX folders (where onnxruntime is installed);
   llama.cpp f32 / f16 / q8_0: llama-cpp-python on EXPORT.py's GGUF files (where it is installed), the
       precision that matches INFER.py's f32 / bf16 / int8.
@@ -144,14 +144,15 @@ def main():
     tok = load_tokenizer(a.model)
     ids, EOS[0] = tok(PROMPT).input_ids, tok.eos_token_id
     dtypes = ["float32"] + (["bfloat16", "int8"] if DEVICE.cpu_has_native_bf16() else [])
-    models = {d: load_for_use(CONFIG.ModelCfg(name=a.model, device="cpu", dtype=d), "generate") for d in dtypes}
+    models = {d: GENERATE.load(CONFIG.ModelCfg(name=a.model, device="cpu", dtype=d), True)[0] for d in dtypes}
+    plain = load_for_use(CONFIG.ModelCfg(name=a.model, device="cpu", dtype="float32"), "generate")
     n = min(a.new_tokens, context_length(models["float32"].config) - len(ids))
     rows = {f"INFER.py {SHORT[d]}": (lambda b, k, m=models[d]: infer_run(m, tok, ids, k, b), weight_bytes(models[d]))
             for d in dtypes}
     steps = {d: DECODE.compiled_step(models[d]) for d in dtypes}  # the same sdpa outside the compiled step
     rows.update({f"INFER.py {SHORT[d]} compiled": (lambda b, k, m=models[d], s=steps[d]: infer_run(m, tok, ids, k, b, s),
                                                    weight_bytes(models[d])) for d in dtypes})
-    rows["transformers f32"] = (lambda b, k: bare_run(models["float32"], tok, ids, k, b), weight_bytes(models["float32"]))
+    rows["transformers f32"] = (lambda b, k: bare_run(plain, tok, ids, k, b), weight_bytes(plain))
     tmp = tempfile.mkdtemp()
     for name, (run, size) in exports(a.model, tmp, a.skip).items():
         rows[name] = (lambda b, k, run=run: run(ids, k), size)

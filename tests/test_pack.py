@@ -1,0 +1,59 @@
+"""fp32/bf16 linear layers packed for oneDNN (PACK.py), what INFER.py and the server generate with on a CPU: each
+layer computes what the plain layer computes, and fp32 greedy answers are transformers.generate's, one at a time,
+batched with padding, and through the compiled step."""
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
+
+import CONFIG
+import DECODE
+import GENERATE
+import PACK
+
+PROMPTS = ["A", "Once upon a time", "The little robot lived in a house by the sea, and every morning it"]
+GREEDY = GENERATE.sampling_of(True, 0, 0, 1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_packed_layer_computes_what_the_plain_layer_computes(kind, dense):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48) if kind == "linear" else Conv1D(48, 64)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        want = layer(x)
+    model = PACK.to_packed(nn.Sequential(layer), dense)
+    packed = model[0]
+    assert isinstance(packed, PACK.PackedLinear) and packed.packed.layout == torch._mkldnn  # oneDNN's own layout
+    assert (packed.dense is not None) == dense
+    with torch.no_grad():
+        got = packed(x)
+    assert got.shape == (3, 5, 48) and torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, torch.zeros_like(got))
+
+
+def reference(path, prompt, n):
+    """transformers' own greedy tokens from the plain fp32 model."""
+    model, tok = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_greedy_is_transformers_generate(models, arch):
+    """GENERATE.load packs the fp32 model's linear layers; its greedy tokens are transformers.generate's for each
+    prompt alone, for the prompts together (left-padded), and through the compiled step on the plain weights."""
+    references = [reference(models[arch], prompt, 40) for prompt in PROMPTS]
+    model, tok = GENERATE.load(CONFIG.ModelCfg(name=str(models[arch]), device="cpu", dtype="float32"), True)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D, PACK.PackedLinear))]
+    assert layers and all(isinstance(m, PACK.PackedLinear) for m in layers)
+    rows = [GENERATE.Row(tok(p)["input_ids"], GENERATE.Options(40, GREEDY, [], [tok.eos_token_id])) for p in PROMPTS]
+    assert [GENERATE.generate(model, tok, [row])[0].new_ids for row in rows] == references
+    assert [a.new_ids for a in GENERATE.generate(model, tok, rows)] == references
+    compiled = DECODE.compiled_step(model)
+    assert [GENERATE.generate(model, tok, [row], compiled)[0].new_ids for row in rows] == references
