@@ -27,12 +27,12 @@ class Options:
 
 
 def load(mcfg, compiled):
-    """The model and its tokenizer, loaded for generation (MODEL.load_for_use), its linear layers packed for oneDNN
-    on a CPU (PACK.py; a LoRA adapter merged into them first), keeping their plain weights too where the decoding
-    step will be `compiled`."""
+    """The model and its tokenizer, loaded for generation (MODEL.load_for_use); on a CPU, unless the decoding step
+    will be `compiled` (which multiplies plain weights), its linear layers packed for oneDNN (PACK.py; a LoRA
+    adapter merged into them first)."""
     model = load_for_use(mcfg, "generate")
-    if PACK.packable(model, native_bf16(model.device)):
-        model = PACK.to_packed(model.merge_and_unload() if hasattr(model, "merge_and_unload") else model, compiled)
+    if not compiled and PACK.packable(model, native_bf16(model.device)):
+        model = PACK.to_packed(model.merge_and_unload() if hasattr(model, "merge_and_unload") else model)
     return model, load_tokenizer(mcfg.name, mcfg.trust_remote_code)
 
 

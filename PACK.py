@@ -11,8 +11,8 @@ bench/generate_throughput.py counts the tokens).
 
 What it costs: packing takes well under a second; memory, nothing where a weight is only a linear layer's (the
 packed copy replaces it); a model whose output head shares the embedding's weight (tied) keeps both, one
-vocabulary x hidden matrix more. The compiled decoding step (DECODE.py) multiplies plain weights in its own loops,
-so with `dense` each layer keeps its plain weight too: the linear layers' bytes twice."""
+vocabulary x hidden matrix more. The compiled decoding step (DECODE.py) multiplies plain weights in its own loops
+(inductor cannot take a packed tensor as a graph input), so a model that decodes compiled is not packed."""
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -20,21 +20,17 @@ from transformers.pytorch_utils import Conv1D
 
 class PackedLinear(nn.Module):
     """y = x @ weight^T + bias, in place of a Linear (weight (out, in)) or GPT-2's Conv1D (weight (in, out)), with
-    the weight held in oneDNN's layout (`packed`); `dense` (or None) the same weight as a plain (out, in) tensor,
-    which a compiled graph multiplies instead."""
+    the weight held in oneDNN's layout (`packed`)."""
 
-    def __init__(self, weight, bias, dense):  # weight: (out, in)
+    def __init__(self, weight, bias):  # weight: (out, in)
         super().__init__()
         # batch_size 8: the layout for a few rows (decoding); measured as fast for one row and for a prompt's 300
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 8),
                              persistent=False)
-        self.dense = weight.detach() if dense else None
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x):  # (..., in) -> (..., out)
-        if torch.compiler.is_compiling():  # inductor cannot take a packed tensor as a graph input
-            return nn.functional.linear(x, self.dense, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
@@ -46,17 +42,15 @@ def packable(model, native_bf16):
         dtype == torch.float32 or dtype == torch.bfloat16 and native_bf16)
 
 
-def to_packed(model, dense):
-    """Every linear layer of the model (its output head too) as a PackedLinear, in place; `dense`: each keeps its
-    plain weight as well, for the compiled decoding step. -> the model"""
+def to_packed(model):
+    """Every linear layer of the model (its output head too) as a PackedLinear, in place. -> the model"""
     swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
              if type(child) in (nn.Linear, Conv1D)]
     for parent, name in swaps:  # one at a time, each plain weight freed as its packed copy is made
         child = getattr(parent, name)
         weight = child.weight.T if isinstance(child, Conv1D) else child.weight
-        setattr(parent, name, PackedLinear(weight, child.bias, dense))
+        setattr(parent, name, PackedLinear(weight, child.bias))
         del child, weight
-    if not dense:  # safetensors maps fp32 weights from their file: the rest copied out, the map is released
-        for param in model.parameters():
-            param.data = param.data.clone()
+    for param in model.parameters():  # safetensors maps fp32 weights from their file: the rest copied out, so
+        param.data = param.data.clone()  # that the map, and its pages, are released
     return model

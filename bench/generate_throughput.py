@@ -5,7 +5,7 @@ model and one prompt, in one run, with each row's share of what the machine's me
 
 Rows, each greedy from the same prompt, EOS masked so that every runtime generates exactly --new-tokens:
   INFER.py f32 / bf16 / int8: GENERATE.generate, what INFER.py and the server run, on the model GENERATE.load
-      loads with --dtype float32 / bfloat16 / int8 (fp32 and bf16 packed for oneDNN: PACK.py) (bf16 and int8 only where the CPU has native bf16), eager
+      loads with --dtype float32 / bfloat16 / int8 (eager: fp32 and bf16 packed for oneDNN, PACK.py) (bf16 and int8 only where the CPU has native bf16), eager
       (INFER.py's default) and "compiled" (--decode compiled, the server's default: DECODE.py; its compile,
       timed once in the warm-up, is printed apart; batches of several rows run eager, so no batch figure);
   transformers f32: a bare model.generate(do_sample=False) on the fp32 model as transformers loads it;
@@ -54,9 +54,10 @@ def read_bandwidth():
 
 
 def weight_bytes(model):
-    """Bytes a decoding step reads: every weight once, the input embedding but one row (a tied head reads it whole)."""
+    """Bytes a decoding step reads: every weight once, the input embedding but one row (a tied head reads it whole;
+    a packed head, PACK.py, reads its own copy, a buffer)."""
     embed = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed
+    tied = getattr(model.get_output_embeddings(), "weight", None) is embed
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not embed or tied}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -144,14 +145,15 @@ def main():
     tok = load_tokenizer(a.model)
     ids, EOS[0] = tok(PROMPT).input_ids, tok.eos_token_id
     dtypes = ["float32"] + (["bfloat16", "int8"] if DEVICE.cpu_has_native_bf16() else [])
-    models = {d: GENERATE.load(CONFIG.ModelCfg(name=a.model, device="cpu", dtype=d), True)[0] for d in dtypes}
+    models = {d: GENERATE.load(CONFIG.ModelCfg(name=a.model, device="cpu", dtype=d), False)[0] for d in dtypes}
+    plains = {d: GENERATE.load(CONFIG.ModelCfg(name=a.model, device="cpu", dtype=d), True)[0] for d in dtypes}
     plain = load_for_use(CONFIG.ModelCfg(name=a.model, device="cpu", dtype="float32"), "generate")
     n = min(a.new_tokens, context_length(models["float32"].config) - len(ids))
     rows = {f"INFER.py {SHORT[d]}": (lambda b, k, m=models[d]: infer_run(m, tok, ids, k, b), weight_bytes(models[d]))
             for d in dtypes}
-    steps = {d: DECODE.compiled_step(models[d]) for d in dtypes}  # the same sdpa outside the compiled step
-    rows.update({f"INFER.py {SHORT[d]} compiled": (lambda b, k, m=models[d], s=steps[d]: infer_run(m, tok, ids, k, b, s),
-                                                   weight_bytes(models[d])) for d in dtypes})
+    steps = {d: DECODE.compiled_step(plains[d]) for d in dtypes}  # the same sdpa outside the compiled step
+    rows.update({f"INFER.py {SHORT[d]} compiled": (lambda b, k, m=plains[d], s=steps[d]: infer_run(m, tok, ids, k, b, s),
+                                                   weight_bytes(plains[d])) for d in dtypes})
     rows["transformers f32"] = (lambda b, k: bare_run(plain, tok, ids, k, b), weight_bytes(plain))
     tmp = tempfile.mkdtemp()
     for name, (run, size) in exports(a.model, tmp, a.skip).items():
