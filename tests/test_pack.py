@@ -1,17 +1,16 @@
-"""fp32/bf16 linear layers packed for oneDNN (PACK.py), what INFER.py and the server generate with on a CPU: each
-layer computes what the plain layer computes, and fp32 greedy answers are transformers.generate's, one at a time,
-and batched with padding; a model that decodes compiled keeps its plain layers."""
+"""fp32/bf16 linear layers packed for oneDNN (PACK.py), what INFER.py (and a --decode eager server) generates with
+on a CPU: each layer computes what the plain layer computes, and fp32 greedy answers are transformers.generate's,
+one at a time and batched with padding; a model that decodes compiled keeps its plain layers."""
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 import CONFIG
 import GENERATE
 import PACK
+from test_decode import PROMPTS, loaded, reference  # transformers' own greedy tokens
 
-PROMPTS = ["A", "Once upon a time", "The little robot lived in a house by the sea, and every morning it"]
 GREEDY = GENERATE.sampling_of(True, 0, 0, 1)
 
 
@@ -31,21 +30,11 @@ def test_a_packed_layer_computes_what_the_plain_layer_computes(kind):
     assert not torch.allclose(got, torch.zeros_like(got))
 
 
-def reference(path, prompt, n):
-    """transformers' own greedy tokens from the plain fp32 model."""
-    model, tok = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
-    ids = torch.tensor([tok(prompt)["input_ids"]])
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    return out[0, ids.shape[1]:].tolist()
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_packed_greedy_is_transformers_generate(models, arch):
     """GENERATE.load packs the fp32 model's linear layers; its greedy tokens are transformers.generate's for each
     prompt alone and for the prompts together (left-padded). Loaded to decode compiled, nothing is packed."""
-    references = [reference(models[arch], prompt, 40) for prompt in PROMPTS]
+    references = [reference(*loaded(models[arch]), prompt, 40) for prompt in PROMPTS]
     model, tok = GENERATE.load(CONFIG.ModelCfg(name=str(models[arch]), device="cpu", dtype="float32"), False)
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D, PACK.PackedLinear))]
     assert layers and all(isinstance(m, PACK.PackedLinear) for m in layers)
