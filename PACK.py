@@ -35,11 +35,13 @@ class PackedLinear(nn.Module):
 
 
 def packable(model, native_bf16):
-    """Whether the model generates faster packed: on a CPU with oneDNN, in fp32, or in bf16 where the CPU computes
-    bf16 natively (elsewhere oneDNN's bf16 is emulated)."""
+    """Whether the model generates faster packed: it has plain linear layers (an int8 model's are already
+    quantized), on a CPU with oneDNN, in fp32, or in bf16 where the CPU computes bf16 natively (elsewhere oneDNN's
+    bf16 is emulated)."""
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     return device.type == "cpu" and torch.backends.mkldnn.is_available() and (
-        dtype == torch.float32 or dtype == torch.bfloat16 and native_bf16)
+        dtype == torch.float32 or dtype == torch.bfloat16 and native_bf16) and any(
+        type(module) in (nn.Linear, Conv1D) for module in model.modules())
 
 
 def to_packed(model):

@@ -43,3 +43,11 @@ def test_packed_greedy_is_transformers_generate(models, arch):
     assert [a.new_ids for a in GENERATE.generate(model, tok, rows)] == references
     plain, _ = GENERATE.load(CONFIG.ModelCfg(name=str(models[arch]), device="cpu", dtype="float32"), True)
     assert not any(isinstance(m, PACK.PackedLinear) for m in plain.modules())
+
+
+@pytest.mark.skipif(not GENERATE.native_bf16(torch.device("cpu")), reason="int8 needs a CPU with native bf16")
+def test_an_int8_model_is_not_packed(models):
+    """--dtype int8 quantizes every linear layer (QUANT.py): nothing is left to pack, and nothing is copied for it."""
+    model, _ = GENERATE.load(CONFIG.ModelCfg(name=str(models["llama"]), device="cpu", dtype="int8"), False)
+    assert not PACK.packable(model, True)
+    assert not any(isinstance(m, (nn.Linear, PACK.PackedLinear)) for m in model.modules())
