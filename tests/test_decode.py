@@ -46,6 +46,21 @@ def test_compiled_greedy_is_transformers_generate(models, arch):
     assert counters["stats"]["unique_graphs"] > graphs  # dynamo compiled the step (it did not fall back silently)
 
 
+def test_an_answer_past_256_tokens_decodes_compiled_in_a_longer_cache(models):
+    """A prompt past 256 tokens gets a 512-token cache; the tokens are still transformers.generate's, after a short
+    answer (256) compiled the same step. (The tiny llama's RoPE reaches past the 128 positions it trained on.)"""
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32,
+                                                 max_position_embeddings=1024).eval()
+    tok = AutoTokenizer.from_pretrained(models["llama"])
+    long_prompt = " ".join([PROMPTS[2]] * 7)
+    assert 256 < len(tok(long_prompt)["input_ids"]) < 300
+    references = [reference(model, tok, prompt, 40) for prompt in (PROMPTS[1], long_prompt)]
+    compiled = DECODE.compiled_step(model)
+    answers = [GENERATE.generate(model, tok, [GENERATE.Row(tok(prompt)["input_ids"], GENERATE.Options(
+        40, GREEDY, [], [tok.eos_token_id]))], compiled)[0].new_ids for prompt in (PROMPTS[1], long_prompt)]
+    assert answers == references and all(answers)
+
+
 def test_stop_strings_and_end_tokens_end_a_compiled_answer_as_an_eager_one(models):
     """A stop string and an end token taken from the eager text end the compiled answer at the same place; rows
     generated together (eager: batches do not compile) equal the compiled rows generated alone."""
