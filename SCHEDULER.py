@@ -42,13 +42,17 @@ GATHER_SECONDS = 0.02
 
 @dataclasses.dataclass
 class Waiting:
-    """The queue: jobs in arrival order, the condition the worker waits on, its limits, the last batch's size."""
+    """The queue: jobs in arrival order, the condition the worker waits on, its limits, the last batch's size, and
+    what it has handed out: jobs, batches, the largest batch (the server's log says so as it stops)."""
     max_batch: int
     max_waiting: int
     context: int
     jobs: collections.deque = dataclasses.field(default_factory=collections.deque)
     ready: threading.Condition = dataclasses.field(default_factory=threading.Condition)
     last: int = 1
+    taken: int = 0
+    batches: int = 0
+    largest: int = 0
 
 
 def submit(waiting, jobs):
@@ -98,6 +102,8 @@ def take(waiting):
                 waiting.jobs.remove(job)
                 batch.append(job)
         waiting.last = len(batch)
+        waiting.taken, waiting.batches = waiting.taken + len(batch), waiting.batches + 1
+        waiting.largest = max(waiting.largest, len(batch))
         return batch
 
 

@@ -307,4 +307,5 @@ def serve(cfg):
     try:
         SCHEDULER.work(srv)
     except KeyboardInterrupt:
-        log("stopped")
+        w = srv.waiting
+        log(f"stopped: {w.taken} answers generated in {w.batches} batches, at most {w.largest} together")

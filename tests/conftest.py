@@ -1,5 +1,6 @@
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -86,8 +87,12 @@ def serving(model, *flags, log=None):
                 time.sleep(0.25)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(30)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops it
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # Trained models for the export tests. 300 steps give the tiny models real preferences and varied greedy text:

@@ -17,6 +17,7 @@ def test_take_groups_what_can_share_one_generate_call_in_arrival_order():
     assert SCHEDULER.take(w) == [chat]          # other end tokens (a chat's end of turn) wait for their own batch
     assert SCHEDULER.take(w) == [warm]
     assert SCHEDULER.take(w) == [d]
+    assert (w.taken, w.batches, w.largest) == (6, 4, 3)  # what the server's log says as it stops
 
 
 def test_a_seeded_sampled_request_runs_alone_and_rows_must_fit_the_context():

@@ -1,6 +1,7 @@
 """INFER.py --serve: the OpenAI-compatible API, driven by the official openai client against a real server."""
 import http.client
 import json
+import re
 import shutil
 import time
 import urllib.error
@@ -193,7 +194,8 @@ def test_an_error_inside_generation_is_an_openai_error_and_one_log_line(server, 
         assert events[-2] == "data: [DONE]"
         assert post((broken, url), "/v1/completions", {"prompt": "a", "max_tokens": 4})[0] == 200
     log = (tmp_path / "log").read_text()
-    assert "Traceback" not in log and [line.split(":")[0] for line in log.splitlines()[1:]] == ["error", "error"], log
+    assert "Traceback" not in log and [line.split(":")[0] for line in log.splitlines()[1:]] == ["error", "error",
+                                                                                            "stopped"], log
 
 
 def test_serving_without_the_packages_names_what_to_install(tmp_path):
@@ -246,16 +248,21 @@ def test_no_request_body_gets_a_5xx_nor_a_silent_reading(server, path, body, wor
     assert status == 400 and words in answer["error"]["message"], answer
 
 
-def test_greedy_answers_generated_together_equal_those_generated_alone(server):
-    """Prompts of different lengths sent at once (one batched generate, left-padded) get the answers each gets
-    alone, token for token."""
+def test_greedy_answers_generated_together_equal_those_generated_alone(server, tmp_path):
+    """Prompts of different lengths sent at once (batched generate calls, left-padded) get the answers each gets
+    alone, token for token; the server's log, as it stops, says batches were generated together."""
     from concurrent.futures import ThreadPoolExecutor
     asks = [{"prompt": p, "max_tokens": 16, "temperature": 0} for p in
             ("Once", "Once upon a time there was", "The fox liked to watch the river shine in the", "A")]
-    alone = [post(server, "/v1/completions", ask)[1]["choices"][0]["text"] for ask in asks]
-    with ThreadPoolExecutor(len(asks)) as pool:
-        together = list(pool.map(lambda ask: post(server, "/v1/completions", ask), asks))
-    assert [r[1]["choices"][0]["text"] for r in together] == alone and len(set(alone)) > 1
+    log = tmp_path / "server.log"
+    with serving(server[0], "--api-key", KEY, "--batch-size", "4", log=log) as url:
+        alone = [post((None, url), "/v1/completions", ask)[1]["choices"][0]["text"] for ask in asks]
+        with ThreadPoolExecutor(len(asks)) as pool:
+            together = [list(pool.map(lambda ask: post((None, url), "/v1/completions", ask), asks))
+                        for _ in range(3)]
+    assert all([r[1]["choices"][0]["text"] for r in answers] == alone for answers in together)
+    assert len(set(alone)) > 1
+    assert re.search(r"stopped: 16 answers generated in \d+ batches, at most [234] together", log.read_text())
 
 
 def test_echoed_prompt_logprobs_are_eval_pys(server, tmp_path):
