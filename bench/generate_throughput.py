@@ -5,9 +5,10 @@ model and one prompt, in one run, with each row's share of what the machine's me
 
 Rows, each greedy from the same prompt, EOS masked so that every runtime generates exactly --new-tokens:
   INFER.py f32 / bf16 / int8: GENERATE.generate, what INFER.py and the server run, on the model GENERATE.load
-      loads with --dtype float32 / bfloat16 / int8 (eager: fp32 and bf16 packed for oneDNN, PACK.py) (bf16 and int8 only where the CPU has native bf16), eager
-      (INFER.py's default) and "compiled" (--decode compiled, the server's default: DECODE.py; its compile,
-      timed once in the warm-up, is printed apart; batches of several rows run eager, so no batch figure);
+      loads with --dtype float32 / bfloat16 / int8 (bf16 and int8 only where the CPU has native bf16), eager
+      (INFER.py's default; fp32 and bf16 packed for oneDNN, PACK.py) and "compiled" (--decode compiled, the
+      server's default: DECODE.py, on plain weights; its compile, timed once in the warm-up, is printed apart;
+      batches of several rows run eager, so no batch figure);
   transformers f32: a bare model.generate(do_sample=False) on the fp32 model as transformers loads it;
   onnxruntime f32 / int8: ONNX_RUN.generate on EXPORT.py's ONNX folders (where onnxruntime is installed);
   llama.cpp f32 / f16 / q8_0: llama-cpp-python on EXPORT.py's GGUF files (where it is installed), the
