@@ -12,8 +12,8 @@ eager's in the last bits: greedy text is the same as transformers.generate's whe
 
 What it costs: compiling, once a process (about 100 s for a 135M model on 2 cores; inductor keeps what it built
 on disk, in TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_$USER, so later runs take about 30 s). Several answers
-generated together use the eager step: the one-row rewrite does not apply to them, and MKL's matmul of several
-rows is what batching is for.
+generated together use the eager step: the one-row rewrite does not apply to them, and a matmul of several rows
+(oneDNN's, packed: PACK.py, GENERATE.for_batches) is what batching is for.
 """
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -1,7 +1,9 @@
 """Generation, shared by INFER.py (stdout), SERVE.py (HTTP) and GRPO.py: prompts to token ids (through the chat
 template for a chat), transformers' model.generate with sampling and stop strings, streaming through its
 streamer hook that never prints a stop string, and each answer's text cut at its end."""
+import copy
 import dataclasses
+import itertools
 import threading
 
 import torch
@@ -34,6 +36,17 @@ def load(mcfg, compiled):
     if not compiled and PACK.packable(model, native_bf16(model.device)):
         model = PACK.to_packed(model.merge_and_unload() if hasattr(model, "merge_and_unload") else model)
     return model, load_tokenizer(mcfg.name, mcfg.trust_remote_code)
+
+
+def for_batches(model):
+    """The model that generates batches beside a `model` loaded for the compiled one-row step (which multiplies
+    plain weights): on a CPU where packing pays, a twin whose linear layers are packed for oneDNN (PACK.py), every
+    other tensor the model's own; else, and for a LoRA adapter (merging it would change the shared weights), the
+    model itself."""
+    if hasattr(model, "merge_and_unload") or not PACK.packable(model, native_bf16(model.device)):
+        return model
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return PACK.to_packed(copy.deepcopy(model, shared), own=False)
 
 
 def sampling_of(greedy, temperature, top_k, top_p):

@@ -9,10 +9,12 @@ together, and so does the prompt's forward pass; bf16 about 1.5x. The sums run i
 from MKL's in the last bits (greedy text is the same where no two tokens are that close: tests/test_pack.py,
 bench/generate_throughput.py counts the tokens).
 
-What it costs: packing takes well under a second; memory, nothing where a weight is only a linear layer's (the
-packed copy replaces it); a model whose output head shares the embedding's weight (tied) keeps both, one
+What it costs: packing takes well under a second; memory, once loaded, nothing where a weight is only a linear
+layer's (the packed copy replaces it; while loading, the safetensors file's pages stay resident until the last
+layer is packed, so the peak is higher); a model whose output head shares the embedding's weight (tied) keeps both, one
 vocabulary x hidden matrix more. The compiled decoding step (DECODE.py) multiplies plain weights in its own loops
-(inductor cannot take a packed tensor as a graph input), so a model that decodes compiled is not packed."""
+(inductor cannot take a packed tensor as a graph input), so a model that decodes compiled is not packed; a server
+that decodes compiled packs a twin for its batches (GENERATE.for_batches)."""
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -44,8 +46,9 @@ def packable(model, native_bf16):
         type(module) in (nn.Linear, Conv1D) for module in model.modules())
 
 
-def to_packed(model):
-    """Every linear layer of the model (its output head too) as a PackedLinear, in place. -> the model"""
+def to_packed(model, own=True):
+    """Every linear layer of the model (its output head too) as a PackedLinear, in place; `own`: the model is the
+    only user of its other tensors, which are copied out of safetensors' memory map. -> the model"""
     swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
              if type(child) in (nn.Linear, Conv1D)]
     for parent, name in swaps:  # one at a time, each plain weight freed as its packed copy is made
@@ -53,6 +56,6 @@ def to_packed(model):
         weight = child.weight.T if isinstance(child, Conv1D) else child.weight
         setattr(parent, name, PackedLinear(weight, child.bias))
         del child, weight
-    for param in model.parameters():  # safetensors maps fp32 weights from their file: the rest copied out, so
-        param.data = param.data.clone()  # that the map, and its pages, are released
+    for param in model.parameters() if own else ():  # safetensors maps fp32 weights from their file: the rest
+        param.data = param.data.clone()                # copied out, so that the map, and its pages, are released
     return model

@@ -126,7 +126,8 @@ def answer(srv, batch):
     if batch[0].seed is not None:
         torch.manual_seed(batch[0].seed)
     if batch[0].row.opts.max_new_tokens:  # together(): the batch shares sampling and end tokens, as generate needs
-        for job, answer in zip(batch, GENERATE.generate(srv.model, srv.tokenizer, [job.row for job in batch],
+        model = srv.model if len(batch) == 1 else srv.batches  # one row: the compiled step where there is one
+        for job, answer in zip(batch, GENERATE.generate(model, srv.tokenizer, [job.row for job in batch],
                                                           srv.compiled)):
             job.answer = answer
     for job in batch:

@@ -40,14 +40,16 @@ from REPORT import UserError, log
 
 @dataclasses.dataclass
 class Served:
-    """What every request needs: the model, its tokenizer, its id, its context, the queue, and the compiled
-    decoding step's config (DECODE.compiled_step) or None."""
+    """What every request needs: the model, its tokenizer, its id, its context, the queue, the compiled
+    decoding step's config (DECODE.compiled_step) or None, and the model batches generate with
+    (GENERATE.for_batches: packed beside a compiled model)."""
     model: object
     tokenizer: object
     name: str
     context: int
     waiting: SCHEDULER.Waiting
     compiled: object
+    batches: object
 
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
@@ -277,13 +279,15 @@ def logged_once(app):
 def serve(cfg):
     """Load the model and serve it until Ctrl-C, on --host:--port, with --api-key (or $LLM_MINI_API_KEY)."""
     g, name = cfg.infer, cfg.model.name
-    model, tokenizer = GENERATE.load(cfg.model, DECODE.chosen(g.decode, True))
+    compiled = DECODE.chosen(g.decode, True)
+    model, tokenizer = GENERATE.load(cfg.model, compiled)
     api_key = g.api_key or os.environ.get("LLM_MINI_API_KEY")
     if not tokenizer.chat_template:
         log("note: the tokenizer has no chat template: /v1/chat/completions answers 400, /v1/completions works")
     context = GENERATE.context_of(model)
     srv = Served(model, tokenizer, name, context, SCHEDULER.Waiting(g.batch_size, g.max_waiting, context),
-                 DECODE.compiled_step(model) if DECODE.chosen(g.decode, True) else None)
+                 DECODE.compiled_step(model) if compiled else None,
+                 GENERATE.for_batches(model) if compiled and g.batch_size > 1 else model)
     if srv.compiled is not None:  # compiled now, before the first request: it takes 30-100 s (DECODE.py)
         start = time.perf_counter()
         log("compiling the decoding step (--decode eager skips it) ...")

@@ -2,7 +2,9 @@
 (tiny gpt2 and llama, prompts of several lengths, stop strings, end tokens), it is what actually runs, batches
 keep the eager step, and INFER.py and the server use it."""
 import json
+import re
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -114,15 +116,22 @@ def test_the_static_cache_is_the_next_power_of_two_from_256_within_the_context(m
 
 def test_infer_and_the_server_decode_compiled(models, tmp_path):
     """INFER.py --decode compiled prints the eager text; the server compiles as it starts (its default) and
-    answers a greedy request with that text too."""
+    answers a greedy request with that text too; requests sent at once generate together (on the packed twin,
+    GENERATE.for_batches) and get the answers they get alone."""
     args = ["--model", models["llama"], "--greedy", "--prompt", "Once upon a time", "--max-new-tokens", "24"]
     eager, fast = run("INFER.py", *args), run("INFER.py", *args, "--decode", "compiled")
     assert eager.returncode == 0 and fast.returncode == 0, fast.stderr
     assert fast.stdout == eager.stdout and eager.stdout.strip()
     log = tmp_path / "serve.log"
+    asks = [{"prompt": p, "max_tokens": 24, "temperature": 0} for p in PROMPTS]
     with serving(models["llama"], "--decode", "auto", log=log) as url:
-        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}).encode()
-        answer = json.load(urllib.request.urlopen(urllib.request.Request(
-            url + "/v1/completions", body, {"Content-Type": "application/json"})))
-    assert answer["choices"][0]["text"] == eager.stdout[:-1]
+        post = lambda ask: json.load(urllib.request.urlopen(urllib.request.Request(  # noqa: E731
+            url + "/v1/completions", json.dumps(ask).encode(), {"Content-Type": "application/json"}
+        )))["choices"][0]["text"]
+        assert post(asks[1]) == eager.stdout[:-1]  # PROMPTS[1] is "Once upon a time"
+        alone = [post(ask) for ask in asks]
+        with ThreadPoolExecutor(len(asks)) as pool:
+            together = [list(pool.map(post, asks)) for _ in range(3)]
+    assert all(answers == alone for answers in together) and len(set(alone)) > 1
     assert "compiled in" in log.read_text()
+    assert re.search(r"at most [23] together", log.read_text())

@@ -51,3 +51,19 @@ def test_an_int8_model_is_not_packed(models):
     model, _ = GENERATE.load(CONFIG.ModelCfg(name=str(models["llama"]), device="cpu", dtype="int8"), False)
     assert not PACK.packable(model, True)
     assert not any(isinstance(m, (nn.Linear, PACK.PackedLinear)) for m in model.modules())
+
+
+def test_beside_a_compiled_model_batches_get_a_packed_twin_that_shares_the_rest(models):
+    """A server that decodes one row compiled generates batches with GENERATE.for_batches: a twin whose linear
+    layers are packed and whose other tensors (the embedding) are the plain model's own, not copies; its batched
+    greedy tokens are transformers.generate's, and the plain model is left as it was."""
+    references = [reference(*loaded(models["llama"]), prompt, 40) for prompt in PROMPTS]
+    model, tok = GENERATE.load(CONFIG.ModelCfg(name=str(models["llama"]), device="cpu", dtype="float32"), True)
+    plain = {name: t.data_ptr() for name, t in model.state_dict().items()}
+    twin = GENERATE.for_batches(model)
+    assert any(isinstance(m, PACK.PackedLinear) for m in twin.modules())
+    assert not any(isinstance(m, PACK.PackedLinear) for m in model.modules())
+    assert twin.get_input_embeddings().weight is model.get_input_embeddings().weight
+    assert {name: t.data_ptr() for name, t in model.state_dict().items()} == plain
+    rows = [GENERATE.Row(tok(p)["input_ids"], GENERATE.Options(40, GREEDY, [], [tok.eos_token_id])) for p in PROMPTS]
+    assert [a.new_ids for a in GENERATE.generate(twin, tok, rows)] == references
