@@ -66,3 +66,15 @@ def test_int8_is_refused_in_one_line_where_it_cannot_run(script, args, trained, 
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: --dtype int8 is for INFER.py and EVAL.py")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(DEVICE.cpu_has_native_bf16(), reason="this CPU has native bf16: int8 runs here")
+@pytest.mark.parametrize("script, args", [
+    ("INFER.py", ["--prompt", "Once"]),
+    ("INFER.py", ["--serve", "--port", "18765"]),  # refused as it loads, before it listens
+    ("EVAL.py", ["--data", "tests/data/train.txt"]),
+])
+def test_int8_is_refused_in_one_line_on_a_cpu_without_native_bf16(script, args, trained):
+    r = run(script, "--model", trained, *args, "--dtype", "int8", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --dtype int8 multiplies int8 weights with bf16")
