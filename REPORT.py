@@ -38,7 +38,9 @@ def need(module, feature, pip_name=None):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"{feature} needs the {pip_name or module} package - pip install {pip_name or module}")
+        names = (pip_name or module).split()  # one package, or several ("fastapi uvicorn")
+        what = f"the {names[0]} package" if len(names) == 1 else f"the {' and '.join(names)} packages"
+        raise UserError(f"{feature} needs {what} - pip install {' '.join(names)}")
 
 
 def main_guard(main):
