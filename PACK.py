@@ -11,8 +11,8 @@ bench/generate_throughput.py counts the tokens).
 
 What it costs: packing takes well under a second; memory, once loaded, nothing where a weight is only a linear
 layer's (the packed copy replaces it; while loading, the safetensors file's pages stay resident until the last
-layer is packed, so the peak is higher); a model whose output head shares the embedding's weight (tied) keeps both, one
-vocabulary x hidden matrix more. The compiled decoding step (DECODE.py) multiplies plain weights in its own loops
+layer is packed, so the peak is higher); a model whose output head shares the embedding's weight (tied) keeps
+both, one vocabulary x hidden matrix more. The compiled decoding step (DECODE.py) multiplies plain weights in its own loops
 (inductor cannot take a packed tensor as a graph input), so a model that decodes compiled is not packed; a server
 that decodes compiled packs a twin for its batches (GENERATE.for_batches)."""
 import torch
