@@ -86,8 +86,8 @@ def take(waiting):
     """Wait for the oldest job (and a moment for the last batch's clients), then take every later one that can
     generate with it, up to max_batch."""
     with waiting.ready:
-        while not waiting.jobs:
-            waiting.ready.wait()
+        while not waiting.jobs:  # woken by submit(), and each second: a signal (Ctrl-C) may reach any thread of
+            waiting.ready.wait(1)  # the process, and Python raises it only on this one, once it runs again
         deadline = time.monotonic() + GATHER_SECONDS
         while len(waiting.jobs) < min(waiting.last, waiting.max_batch) and time.monotonic() < deadline:
             waiting.ready.wait(deadline - time.monotonic())

@@ -90,9 +90,12 @@ def serving(model, *flags, log=None):
         proc.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops it
         try:
             proc.wait(30)
+            stopped = True
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            stopped = False
+    assert stopped, "the server did not stop within 30 s of Ctrl-C"
 
 
 # Trained models for the export tests. 300 steps give the tiny models real preferences and varied greedy text:

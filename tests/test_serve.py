@@ -266,6 +266,17 @@ def test_greedy_answers_generated_together_equal_those_generated_alone(server, t
     assert re.search(r"stopped: 16 answers generated in \d+ batches, at most [234] together", log.read_text())
 
 
+def test_ctrl_c_stops_a_server_that_has_just_answered(server, tmp_path):
+    """Ctrl-C may be taken by any thread of the process, and Python raises it on the main thread only once that
+    thread runs: the idle worker wakes to let it, and the server stops each time and says so (serving() fails a
+    server that does not stop)."""
+    for attempt in range(4):
+        log = tmp_path / f"server{attempt}.log"
+        with serving(server[0], "--api-key", KEY, log=log) as url:
+            assert post((None, url), "/v1/completions", {"prompt": "Once", "max_tokens": 8})[0] == 200
+        assert log.read_text().splitlines()[-1] == "stopped: 1 answers generated in 1 batches, at most 1 together"
+
+
 def test_echoed_prompt_logprobs_are_eval_pys(server, tmp_path):
     """lm-evaluation-harness's loglikelihood request: token-id prompts, echo, logprobs, one new token."""
     from transformers import AutoTokenizer
